@@ -1,0 +1,133 @@
+"""The engine for asyncio callers: its loop runs on one thread, requests stream back through asyncio queues."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from rempd.engine.config import EngineConfig
+from rempd.engine.llm_engine import LLMEngine
+from rempd.engine.outputs import EngineStats, RequestOutput
+from rempd.engine.sampling_params import SamplingParams
+from rempd.worker_pool.pool import WorkerError
+
+log = logging.getLogger("rempd.engine")
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.loop = loop
+        self.commands: queue.Queue[tuple] = queue.Queue()
+        self.streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self.is_recovering = False
+        self.is_failed = False  # recovery itself failed: the daemon must exit
+        self.stopping = threading.Event()
+        self.ids = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="remp-engine", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    async def create(cls, config: EngineConfig, on_progress: Callable[[str, float], None] | None = None,
+                     model_name: str | None = None) -> "AsyncEngine":
+        engine = await asyncio.to_thread(LLMEngine, config, on_progress)
+        return cls(engine, model_name or Path(config.model_dir).name, asyncio.get_running_loop())
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_healthy(self) -> bool:
+        return not (self.is_recovering or self.is_failed) and all(self.engine.pool.alive())
+
+    def check(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
+                             f"{self.max_model_len} with at least one generated")
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        self.check(prompt_token_ids)
+        request_id = f"{request_id}-{next(self.ids)}"  # ids from clients may repeat
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.streams[request_id] = stream
+        self.commands.put(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:
+                self.commands.put(("abort", request_id))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self.streams.get(out.request_id)
+        if stream is not None:
+            stream.put_nowait(out)
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self.loop.call_soon_threadsafe(self._deliver, out)
+
+    def _apply(self, command: tuple) -> None:
+        kind, request_id, *args = command
+        if kind == "abort":
+            self.engine.abort_request(request_id)
+            return
+        try:
+            self.engine.add_request(request_id, *args)
+        except ValueError as exc:
+            self._emit([RequestOutput(request_id, [], "", True, "error", len(args[0]), 0, error=str(exc))])
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self.stopping.is_set():
+            try:
+                timeout = None if engine.has_unfinished() else 0.1
+                while True:
+                    self._apply(self.commands.get(block=timeout is not None, timeout=timeout))
+                    timeout = None
+            except queue.Empty:
+                pass
+            if not engine.has_unfinished():
+                continue
+            try:
+                self._emit(engine.step())
+            except WorkerError as exc:
+                log.error("worker failure: %s", exc)
+                self._emit(engine.fail_all(f"request failed: {exc}".splitlines()[0]))
+                self._recover()
+
+    def _recover(self) -> None:
+        self.is_recovering = True
+        try:
+            self.engine.recover()
+        except Exception:
+            log.exception("could not recover the worker pool")
+            self.is_failed = True
+            self.stopping.set()
+        finally:
+            self.is_recovering = False
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def status(self) -> dict:
+        return self.engine.status()
+
+    async def shutdown(self) -> None:
+        self.stopping.set()
+        await asyncio.to_thread(self.thread.join)
+        await asyncio.to_thread(self.engine.close)

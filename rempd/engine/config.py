@@ -1,0 +1,29 @@
+"""How an engine is built: the model, the topology, the devices and the memory it may use."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    tp: int = 1
+    pp: int = 1
+    devices: list[int] = field(default_factory=list)  # CUDA device ids; empty means CPU workers
+    cpu_workers: int = 0
+    dtype: str | None = None  # None: the checkpoint's own
+    block_size: int = 16
+    kv_cache_memory: int = 64 << 20  # bytes per worker for the KV pool on CPU
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    store_name: str | None = None  # shared-memory segment name; None picks a fresh one
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices) if self.devices else self.cpu_workers
+
+    @property
+    def is_cpu(self) -> bool:
+        return not self.devices

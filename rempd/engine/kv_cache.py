@@ -1,0 +1,33 @@
+"""One KV allocation per worker, shaped [local_layers, 2, num_blocks, block_size, local_kv_heads, head_dim]."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVShape:
+    local_layers: int
+    block_size: int
+    local_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.local_layers * 2 * self.block_size * self.local_kv_heads * self.head_dim * elem
+
+    def allocate(self, num_blocks: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(self.local_layers, 2, num_blocks, self.block_size, self.local_kv_heads,
+                           self.head_dim, dtype=self.dtype, device=device)
+
+
+def kv_budget_bytes(device: torch.device, cpu_bytes: int, gpu_memory_utilization: float,
+                    reserve_bytes: int) -> int:
+    """Bytes this worker may give its KV pool, after weights are loaded."""
+    if device.type != "cuda":
+        return cpu_bytes
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - total * (1 - gpu_memory_utilization)) - reserve_bytes)

@@ -1,0 +1,199 @@
+"""The engine loop: schedule → workers execute → postprocess, with pp micro-batches in flight."""
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rempd.engine.block_manager import BlockManager
+from rempd.engine.config import EngineConfig
+from rempd.engine.detokenizer import IncrementalDetokenizer
+from rempd.engine.outputs import EngineStats, RequestOutput
+from rempd.engine.sampling_params import SamplingParams
+from rempd.engine.scheduler import ScheduledBatch, Scheduler
+from rempd.engine.sequence import Sequence
+from rempd.engine.step_input import StepInput
+from rempd.model.checkpoint import Checkpoint
+from rempd.model.tokenizer import Tokenizer
+from rempd.shm_store.loader import load_into_store
+from rempd.topology import Placement, Topology, check_topology
+from rempd.worker_pool.pool import WorkerPool
+from rempd.worker_pool.worker import WorkerSetup
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, on_progress: Progress | None = None):
+        progress = on_progress or (lambda message, fraction: None)
+        self.config = config
+        checkpoint = Checkpoint(config.model_dir)
+        checkpoint.validate()
+        cfg = self.model_config = checkpoint.config
+        topology = Topology(config.tp, config.pp)
+        if config.num_devices < 1:
+            raise ValueError("no devices: give CUDA device ids or a number of CPU workers")
+        check_topology(topology, config.num_devices, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        progress("loading weights into shared memory", 0.0)
+        self.store = load_into_store(checkpoint, name=config.store_name,
+                                     on_progress=lambda done, total: progress("loading weights", done / total))
+        try:
+            self.devices = [f"cuda:{d}" for d in config.devices] or ["cpu"] * config.cpu_workers
+            self.template = WorkerSetup(index=0, world_size=0, master_port=0, device="", store_name=self.store.name,
+                                   model=cfg, dtype=config.dtype or cfg.dtype,
+                                   kv_cache_memory=config.kv_cache_memory,
+                                   gpu_memory_utilization=config.gpu_memory_utilization)
+            progress("starting workers", 0.0)
+            self.pool = WorkerPool(self.template, self.devices)
+            progress("building topology", 0.0)
+            self.install(Placement.default(topology))
+        except BaseException:
+            self.store.unlink()
+            raise
+        self.num_recoveries = 0
+        self.requests: dict[str, Request] = {}
+        self.in_flight: deque[ScheduledBatch] = deque()
+
+    def install(self, placement: Placement) -> None:
+        """Load every active worker's shard and size one KV pool that all of them can hold."""
+        cfg, config = self.model_config, self.config
+        max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        infos = self.pool.call("load_shard", placement, config.block_size, max_len)
+        self.placement = placement
+        self.shard_infos = infos
+        self.active = list(placement.workers)
+        num_blocks = min(info.kv_capacity_blocks for info in infos if info is not None)
+        if num_blocks < 1:
+            raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
+        self.pool.call("allocate_kv", num_blocks)
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size), config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len, cfg.eos_token_ids)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context "
+                             f"holds {self.max_model_len} with at least one generated")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, list(prompt_token_ids), params, seed)
+        self.requests[request_id] = Request(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                                        params.stop))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request.seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        while len(self.in_flight) < self.placement.topology.pp:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                break
+            self.pool.send("execute", self.scheduler.step_input(batch), workers=self.active)
+            self.in_flight.append(batch)
+        if not self.in_flight:
+            return []
+        batch = self.in_flight.popleft()
+        results = self.pool.collect(self.active)
+        tokens = results[self.active.index(self.placement.output_worker)] or []
+        return [self._output(seq) for seq in self.scheduler.postprocess(batch, tokens)]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        request = self.requests[seq.request_id]
+        token = seq.token_ids[-1]
+        text = request.detokenizer.add([token])
+        if request.detokenizer.stopped:
+            self.scheduler.finish(seq, "stop")
+        elif seq.is_finished:
+            text += request.detokenizer.flush()
+        if seq.is_finished:
+            del self.requests[seq.request_id]
+        return RequestOutput(seq.request_id, [token], text, seq.is_finished, seq.finish_reason,
+                             seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after a worker failure) and forget in-flight steps."""
+        outputs = []
+        for request_id, request in list(self.requests.items()):
+            seq = request.seq
+            seq.in_flight = False
+            self.scheduler.finish(seq, "error")
+            outputs.append(RequestOutput(request_id, [], "", True, "error", seq.num_prompt_tokens,
+                                         seq.num_output_tokens, error=message))
+        self.requests.clear()
+        self.in_flight.clear()
+        return outputs
+
+    def score(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """Logits at every prompt position, [tokens, vocab]: for checking the model against a reference."""
+        if self.requests:
+            raise RuntimeError("score() runs only on an idle engine")
+        seq = Sequence("score", list(prompt_token_ids), SamplingParams(), seed=0)
+        blocks = self.scheduler.blocks
+        blocks.grow(seq, seq.num_tokens)
+        try:
+            n, bs = seq.num_tokens, blocks.block_size
+            step = StepInput(seq.token_ids, list(range(n)), [blocks.slot(seq, p) for p in range(n)], [n], [n],
+                             [seq.block_table[:-(-n // bs)]], list(range(n)), [])
+            results = self.pool.call("execute", step, True, workers=self.active)
+            return torch.from_numpy(results[self.active.index(self.placement.output_worker)])
+        finally:
+            blocks.release(seq)
+
+    def recover(self) -> None:
+        """Respawn the workers after one died and rebuild the topology from the weight store (not the disk).
+
+        Every worker restarts because the world group cannot take a new member in place of a dead one."""
+        self.pool.close(timeout=2.0)
+        self.pool = WorkerPool(self.template, self.devices)
+        self.install(self.placement)
+        self.num_recoveries += 1
+
+    def status(self) -> dict:
+        topo, alive, pids = self.placement.topology, self.pool.alive(), self.pool.pids()
+        workers = []
+        for index, device in enumerate(self.devices):
+            coords = self.placement.coords(index)
+            info = self.shard_infos[index]
+            workers.append({
+                "index": index, "device": device, "pid": pids[index],
+                "state": ("active" if coords else "standby") if alive[index] else "dead",
+                "pp_rank": coords[0] if coords else None, "tp_rank": coords[1] if coords else None,
+                "weight_bytes": info.weight_bytes if info else 0,
+                "kv_blocks": self.scheduler.blocks.num_blocks if coords else 0,
+            })
+        return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
+                "workers": workers, "max_model_len": self.max_model_len,
+                "store": {"name": self.store.name, "bytes": self.store.nbytes},
+                "num_recoveries": self.num_recoveries}
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), s.blocks.num_used, s.blocks.num_blocks, s.num_preempted)
+
+    def close(self) -> None:
+        try:
+            self.pool.close()
+        finally:
+            self.store.unlink()

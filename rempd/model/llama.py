@@ -1,0 +1,87 @@
+"""One pipeline stage of a Llama-family model (Llama 2/3, Mistral, Qwen2) on one tensor-parallel rank."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rempd.model.attention import AttentionMetadata, paged_attention, write_kv
+from rempd.model.config import ModelConfig
+from rempd.model.layers import TensorParallel, rms_norm, row_parallel, vocab_parallel_embedding
+from rempd.model.rotary import Rotary
+from rempd.model.sharding import even_range, shard_rows
+
+# (name, rows) -> that row range of the stored tensor, already on the stage's device and dtype
+FetchRows = Callable[[str, tuple[int, int]], torch.Tensor]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel, fetch: FetchRows):
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        p = f"model.layers.{index}."
+
+        def rows(name: str) -> torch.Tensor:
+            return fetch(p + name, shard_rows(p + name, cfg, tp.size, tp.rank))
+
+        self.input_norm = rows("input_layernorm.weight")
+        self.post_norm = rows("post_attention_layernorm.weight")
+        qkv = [rows(f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+        self.q_local, self.kv_local = qkv[0].shape[0], qkv[1].shape[0]
+        self.qkv = torch.cat(qkv)
+        self.qkv_bias = (torch.cat([rows(f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
+                         if cfg.attention_bias else None)
+        self.o_t = rows("self_attn.o_proj.weight")
+        self.gate_up = torch.cat([rows("mlp.gate_proj.weight"), rows("mlp.up_proj.weight")])
+        self.down_t = rows("mlp.down_proj.weight")
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        cfg, hd = self.cfg, self.cfg.head_dim
+        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = F.linear(h, self.qkv, self.qkv_bias).split([self.q_local, self.kv_local, self.kv_local], -1)
+        q = rotary.apply(q.view(-1, self.q_local // hd, hd), positions)
+        k = rotary.apply(k.view(-1, self.kv_local // hd, hd), positions)
+        write_kv(kv[0], kv[1], k, v.view(-1, self.kv_local // hd, hd), meta.slot_mapping)
+        attn = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        x = x + row_parallel(attn.flatten(1), self.o_t, self.tp)
+        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
+        return x + row_parallel(F.silu(gate) * up, self.down_t, self.tp)
+
+
+class LlamaStage(nn.Module):
+    """Layers `layers` of the model; the first stage embeds, the last one normalises and projects to logits."""
+
+    def __init__(self, cfg: ModelConfig, layers: range, is_first: bool, is_last: bool, tp: TensorParallel,
+                 fetch: FetchRows, max_len: int, device: torch.device):
+        super().__init__()
+        self.cfg, self.tp, self.layer_ids = cfg, tp, layers
+        self.is_first, self.is_last = is_first, is_last
+        self.vocab_start, _ = even_range(cfg.vocab_size, tp.size, tp.rank)
+        vocab_rows = shard_rows("model.embed_tokens.weight", cfg, tp.size, tp.rank)
+        self.embed = fetch("model.embed_tokens.weight", vocab_rows) if is_first else None
+        self.layers = [DecoderLayer(cfg, i, tp, fetch) for i in layers]
+        self.rotary = Rotary(cfg, max_len, device)
+        self.norm = self.lm_head = None
+        if is_last:
+            self.norm = fetch("model.norm.weight", (0, cfg.hidden_size))
+            head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            self.lm_head = self.embed if (is_first and cfg.tie_word_embeddings) else fetch(head, vocab_rows)
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
+        """inputs: token ids on the first stage, else the previous stage's hidden states.
+
+        Returns hidden states, or on the last stage the full-vocabulary logits of the sampled rows."""
+        x = vocab_parallel_embedding(inputs, self.embed, self.vocab_start, self.tp) if self.is_first else inputs
+        for local, layer in enumerate(self.layers):
+            x = layer(x, positions, self.rotary, kv_cache[local], meta)
+        if not self.is_last:
+            return x
+        x = rms_norm(x[sample_indices], self.norm, self.cfg.rms_norm_eps)
+        return self.tp.gather_columns(F.linear(x, self.lm_head).float(), self.cfg.vocab_size)

@@ -1,0 +1,140 @@
+"""Spawns the worker processes once and calls their methods by name over one connection each.
+
+Workers are fresh interpreters (`python -m rempd.worker_pool`), not multiprocessing children, so the
+caller's main module is never re-imported and needs no `if __name__ == "__main__"` guard."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from multiprocessing.connection import Connection, Listener, wait
+from pathlib import Path
+from typing import Any
+
+from rempd.worker_pool.worker import WorkerSetup
+
+
+class WorkerError(RuntimeError):
+    """A worker raised or died; `index` says which one."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"worker {index}: {message}")
+        self.index = index
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.pid = popen.pid
+        self.sentinel = os.pidfd_open(popen.pid)  # readable once the process exits: wait() can watch it
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+
+    def join(self, timeout: float | None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        os.close(self.sentinel)
+
+
+class WorkerPool:
+    def __init__(self, template: WorkerSetup, devices: list[str], start_timeout: float = 600.0):
+        self.template = replace(template, world_size=len(devices), master_port=free_port())
+        self.devices = devices
+        self.procs: list[WorkerProcess] = []
+        self.conns: list[Connection] = []
+        authkey = secrets.token_bytes(32)
+        with tempfile.TemporaryDirectory(prefix="remp-pool-") as tmp:
+            address = str(Path(tmp) / "pool.sock")
+            with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+                for index, device in enumerate(devices):
+                    popen = subprocess.Popen([sys.executable, "-m", "rempd.worker_pool", address],
+                                             stdin=subprocess.PIPE, start_new_session=False)
+                    popen.stdin.write(authkey)
+                    popen.stdin.close()
+                    self.procs.append(WorkerProcess(popen))
+                    conn = listener.accept()
+                    conn.send(replace(self.template, index=index, device=device))
+                    self.conns.append(conn)
+        self.infos = [self._reply(i, start_timeout) for i in range(len(devices))]
+
+    @property
+    def size(self) -> int:
+        return len(self.devices)
+
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self.procs]
+
+    def alive(self) -> list[bool]:
+        return [p.is_alive() for p in self.procs]
+
+    def send(self, method: str, *args: Any, workers: list[int] | None = None) -> list[int]:
+        targets = list(range(self.size)) if workers is None else workers
+        for i in targets:
+            try:
+                self.conns[i].send((method, args))
+            except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+                raise WorkerError(i, f"not reachable ({exc})") from exc
+        return targets
+
+    def _reply(self, index: int, timeout: float | None) -> Any:
+        conn, proc = self.conns[index], self.procs[index]
+        ready = wait([conn, proc.sentinel], timeout)
+        if not ready:
+            raise WorkerError(index, f"no reply within {timeout} s")
+        if conn not in ready:
+            raise WorkerError(index, f"died (exit code {proc.exitcode})")
+        try:
+            status, value = conn.recv()
+        except (EOFError, ConnectionResetError) as exc:
+            raise WorkerError(index, "died while replying") from exc
+        if status == "error":
+            raise WorkerError(index, value)
+        return value
+
+    def collect(self, workers: list[int], timeout: float | None = None) -> list[Any]:
+        """One reply from each worker, in order. The first failure is raised after draining the rest is not
+        possible (a dead peer blocks collectives), so callers treat any WorkerError as fatal for the step."""
+        return [self._reply(i, timeout) for i in workers]
+
+    def call(self, method: str, *args: Any, workers: list[int] | None = None,
+             timeout: float | None = None) -> list[Any]:
+        return self.collect(self.send(method, *args, workers=workers), timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        for i, conn in enumerate(self.conns):
+            if self.procs[i].is_alive():
+                try:
+                    conn.send(("shutdown", ()))
+                except OSError:
+                    pass
+        for proc in self.procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+        for conn, proc in zip(self.conns, self.procs):
+            conn.close()
+            proc.close()

@@ -1,0 +1,186 @@
+"""A worker process: one per device, spawned once, serving whichever shard the driver gives it."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+import sys
+from multiprocessing.connection import Client
+
+import torch
+import torch.distributed as dist
+
+from rempd.engine.kv_cache import KVShape, kv_budget_bytes
+from rempd.engine.sampler import sample
+from rempd.engine.step_input import StepInput
+from rempd.model.attention import AttentionMetadata
+from rempd.model.config import ModelConfig
+from rempd.model.layers import TensorParallel
+from rempd.model.llama import LlamaStage
+from rempd.shm_store.store import WeightStore
+from rempd.topology import Placement, kv_heads_per_rank, stage_layers
+from rempd.worker_pool.groups import GroupCache
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class WorkerSetup:
+    index: int  # rank in the world group, and index into the pool's devices
+    world_size: int
+    master_port: int
+    device: str  # "cpu" or "cuda:N"
+    store_name: str
+    model: ModelConfig
+    dtype: str
+    kv_cache_memory: int  # CPU KV budget in bytes
+    gpu_memory_utilization: float
+
+
+@dataclass
+class ShardInfo:
+    weight_bytes: int
+    kv_bytes_per_block: int
+    kv_capacity_blocks: int
+
+
+class Worker:
+    def __init__(self, setup: WorkerSetup):
+        self.setup = setup
+        self.device = torch.device(setup.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{setup.master_port}",
+                                rank=setup.index, world_size=setup.world_size, timeout=timedelta(minutes=5))
+        self.store = WeightStore.attach(setup.store_name)
+        self.dtype = DTYPES[setup.dtype]
+        self.groups = GroupCache()
+        self.placement: Placement | None = None
+        self.stage: LlamaStage | None = None
+        self.kv: torch.Tensor | None = None
+        self.kv_shape: KVShape | None = None
+        self.pending_sends: list[dist.Work] = []
+
+    def _fetch(self, name: str, rows: tuple[int, int]) -> torch.Tensor:
+        return self.store.rows(name, *rows).to(self.device, self.dtype, copy=True)
+
+    def load_shard(self, placement: Placement, block_size: int, max_len: int) -> ShardInfo | None:
+        """Build this worker's stage of `placement` from the weight store; standby workers hold nothing."""
+        self.release()
+        self.placement = placement
+        coords = placement.coords(self.setup.index)
+        if coords is None:
+            return None
+        pp_rank, tp_rank = coords
+        cfg, topo = self.setup.model, placement.topology
+        tp = TensorParallel(topo.tp, tp_rank, self.groups.get(placement.tp_group(pp_rank)))
+        layers = stage_layers(cfg.num_layers, topo.pp)[pp_rank]
+        self.stage = LlamaStage(cfg, layers, pp_rank == 0, pp_rank == topo.pp - 1, tp, self._fetch,
+                                max_len, self.device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.stage))
+        self.kv_shape = KVShape(len(layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, topo.tp),
+                                cfg.head_dim, self.dtype)
+        budget = kv_budget_bytes(self.device, self.setup.kv_cache_memory, self.setup.gpu_memory_utilization,
+                                 reserve_bytes=1 << 30)
+        per_block = self.kv_shape.bytes_per_block
+        return ShardInfo(weight_bytes, per_block, budget // per_block)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        if self.kv_shape is not None:
+            self.kv = self.kv_shape.allocate(num_blocks, self.device)
+
+    def release(self) -> None:
+        self._wait_sends()
+        self.stage = self.kv = self.kv_shape = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def execute(self, step: StepInput, return_logits: bool = False) -> list[int] | torch.Tensor | None:
+        if self.stage is None:
+            return None
+        stage, placement, dev = self.stage, self.placement, self.device
+        pp_rank, tp_rank = placement.coords(self.setup.index)
+        meta = AttentionMetadata.build(step.slot_mapping, step.block_tables, step.query_lens,
+                                       step.context_lens, self.kv_shape.block_size, dev)
+        positions = torch.tensor(step.positions, dtype=torch.long, device=dev)
+        sample_indices = torch.tensor(step.sample_indices, dtype=torch.long, device=dev)
+        if stage.is_first:
+            inputs = torch.tensor(step.token_ids, dtype=torch.long, device=dev)
+        else:
+            inputs = torch.empty(step.num_tokens, self.setup.model.hidden_size, dtype=self.dtype, device=dev)
+            dist.recv(inputs, src=placement.worker(pp_rank - 1, tp_rank))
+        out = stage(inputs, positions, self.kv, meta, sample_indices)
+        if not stage.is_last:
+            self._wait_sends()
+            self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank)))
+            return None
+        if tp_rank != 0:
+            return None
+        if return_logits:
+            return out.cpu().numpy()  # torch tensors would travel as shared-memory handles
+        return sample(out, step.samples) if step.samples else None
+
+    def _wait_sends(self) -> None:
+        for work in self.pending_sends:
+            work.wait()
+        self.pending_sends.clear()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "device": self.setup.device,
+                "weight_bytes": sum(t.numel() * t.element_size() for t in _tensors(self.stage)) if self.stage else 0,
+                "kv_blocks": 0 if self.kv is None else self.kv.shape[2]}
+
+    def shutdown(self) -> None:
+        self.release()
+        self.groups.destroy()
+        dist.destroy_process_group()
+        self.store.close()
+
+
+def _tensors(stage: LlamaStage) -> list[torch.Tensor]:
+    seen, found = set(), []
+    for obj in [stage, *stage.layers]:
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+    return found
+
+
+def _die_with_parent() -> None:
+    """A worker must never outlive the daemon, even one killed with SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(address: str) -> None:
+    _die_with_parent()
+    authkey = sys.stdin.buffer.read()
+    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    setup: WorkerSetup = conn.recv()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the daemon, which ends us in order
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // max(1, setup.world_size))))
+    try:
+        worker = Worker(setup)
+        conn.send(("ok", worker.info()))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            method, args = conn.recv()
+        except EOFError:
+            break
+        try:
+            result = getattr(worker, method)(*args)
+            conn.send(("ok", result))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+        if method == "shutdown":
+            break

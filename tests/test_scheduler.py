@@ -1,0 +1,76 @@
+from rempd.engine.block_manager import BlockManager
+from rempd.engine.sampling_params import SamplingParams
+from rempd.engine.scheduler import Scheduler
+from rempd.engine.sequence import Sequence, SequenceStatus
+
+
+def make_seq(name: str, prompt_len: int, arrival: float, max_tokens: int = 8) -> Sequence:
+    return Sequence(name, list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=max_tokens),
+                    seed=0, arrival=arrival)
+
+
+def test_chunked_prefill_respects_token_budget_and_samples_only_at_the_end():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=6, max_model_len=64)
+    seq = make_seq("a", 10, 0.0)
+    sched.add(seq)
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [6] and batch.samplers() == []
+    step = sched.step_input(batch)
+    assert step.positions == list(range(6)) and step.sample_indices == []
+    assert sched.postprocess(batch, []) == []
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [4] and batch.samplers() == [seq]
+    assert sched.step_input(batch).sample_indices == [3]
+    sched.postprocess(batch, [42])
+    assert seq.output_token_ids == [42] and seq.num_computed == 10
+
+
+def test_decode_and_prefill_share_a_step():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64)
+    a, b = make_seq("a", 3, 0.0), make_seq("b", 20, 1.0)
+    sched.add(a)
+    sched.postprocess(sched.schedule(), [7])
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 7]
+
+
+def test_preemption_takes_the_youngest_and_recomputes_everything():
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=16)
+    old, young = make_seq("old", 8, 0.0), make_seq("young", 8, 1.0)
+    sched.add(old)
+    sched.add(young)
+    sched.postprocess(sched.schedule(), [5, 6])  # both fill their 2 blocks; the pool is full
+    batch = sched.schedule()  # old needs a third block: young is preempted
+    assert batch.seqs == [old]
+    assert young.status is SequenceStatus.WAITING and young.num_computed == 0 and young.block_table == []
+    assert young.token_ids[-1] == 6 and sched.num_preempted == 1
+    sched.postprocess(batch, [9])
+    sched.finish(old, "abort")
+    batch = sched.schedule()  # young returns and recomputes prompt + its generated token
+    assert batch.seqs == [young] and batch.num_new_tokens == [9]
+
+
+def test_in_flight_sequences_are_not_rescheduled_and_abort_waits_for_their_step():
+    blocks = BlockManager(8, 4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=32)
+    seq = make_seq("a", 5, 0.0)
+    sched.add(seq)
+    batch = sched.schedule()
+    assert sched.schedule() is None
+    sched.finish(seq, "abort")
+    assert blocks.num_free == 6  # still held by the running step
+    assert sched.postprocess(batch, [3]) == []
+    assert blocks.num_free == 8
+
+
+def test_stop_conditions():
+    sched = Scheduler(BlockManager(8, 4), 8, 64, max_model_len=32, eos_token_ids=(2,))
+    eos, length = make_seq("eos", 3, 0.0), make_seq("len", 3, 1.0, max_tokens=1)
+    ignore = Sequence("ign", [1, 1], SamplingParams(temperature=0, ignore_eos=True, stop_token_ids=[9]), 0, 2.0)
+    for seq in (eos, length, ignore):
+        sched.add(seq)
+    sched.postprocess(sched.schedule(), [2, 5, 2])
+    assert (eos.finish_reason, length.finish_reason, ignore.is_finished) == ("stop", "length", False)
+    sched.postprocess(sched.schedule(), [9])
+    assert ignore.finish_reason == "stop" and sched.blocks.num_free == 8
