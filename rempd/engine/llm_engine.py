@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +17,9 @@ from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
 from rempd.engine.step_input import StepInput
+from rempd.migrate.predict import LinkSpeeds
+from rempd.migrate.report import SwitchReport
+from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
@@ -61,24 +65,41 @@ class LLMEngine:
             self.store.unlink()
             raise
         self.num_recoveries = 0
+        self.links = self.measure_links()
+        self.switches: list[SwitchReport] = []
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
 
     def install(self, placement: Placement) -> None:
-        """Load every active worker's shard and size one KV pool that all of them can hold."""
+        """Load every active worker's shard from the store and size one KV pool that all of them can hold.
+
+        Any sequence still holding blocks must have been preempted first: the old pool's contents are gone."""
         cfg, config = self.model_config, self.config
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.pool.call("prepare_groups", placement)
         infos = self.pool.call("load_shard", placement, config.block_size, max_len)
-        self.placement = placement
-        self.shard_infos = infos
-        self.active = list(placement.workers)
         num_blocks = min(info.kv_capacity_blocks for info in infos if info is not None)
         if num_blocks < 1:
             raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
         self.pool.call("allocate_kv", num_blocks)
-        self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.scheduler = Scheduler(BlockManager(num_blocks, config.block_size), config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len, cfg.eos_token_ids)
+        self.placement = placement
+        self.shard_infos = self.pool.call("info")
+        blocks = BlockManager(num_blocks, config.block_size)
+        if not hasattr(self, "scheduler"):
+            # the context length is fixed for the daemon's life; a switch must give every topology room for it
+            self.max_model_len = min(max_len, num_blocks * config.block_size)
+            self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                       self.max_model_len, cfg.eos_token_ids)
+        else:
+            self.scheduler.blocks = blocks
+
+    @property
+    def active(self) -> list[int]:
+        return list(self.placement.workers)
+
+    def preempt_all(self) -> None:
+        for seq in list(self.scheduler.running):
+            self.scheduler.preempt(seq)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -112,12 +133,20 @@ class LLMEngine:
                 break
             self.pool.send("execute", self.scheduler.step_input(batch), workers=self.active)
             self.in_flight.append(batch)
-        if not self.in_flight:
-            return []
+        return self.finish_oldest() if self.in_flight else []
+
+    def finish_oldest(self) -> list[RequestOutput]:
         batch = self.in_flight.popleft()
         results = self.pool.collect(self.active)
         tokens = results[self.active.index(self.placement.output_worker)] or []
         return [self._output(seq) for seq in self.scheduler.postprocess(batch, tokens)]
+
+    def quiesce(self) -> list[RequestOutput]:
+        """Finish every micro-batch in flight; nothing new is scheduled until the caller steps again."""
+        outputs = []
+        while self.in_flight:
+            outputs += self.finish_oldest()
+        return outputs
 
     def _output(self, seq: Sequence) -> RequestOutput:
         request = self.requests[seq.request_id]
@@ -161,11 +190,36 @@ class LLMEngine:
         finally:
             blocks.release(seq)
 
+    def measure_links(self) -> LinkSpeeds:
+        """Host-store, peer and local copy speeds, and the costs of a group and an RPC, for plan's predictions."""
+        results = self.pool.call("measure_links")
+        start = time.perf_counter()
+        self.pool.call("info")
+        rpc = time.perf_counter() - start
+
+        def speed(key: str) -> float:
+            rates = sorted(r["bytes"] / r[key] / 1e9 for r in results if r.get(key))
+            return rates[len(rates) // 2] if rates else 1.0
+
+        built = [(i["group_seconds"], i["groups_built"]) for i in self.shard_infos if i["groups_built"]]
+        group = max((sec / n for sec, n in built), default=0.0)
+        return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc)
+
+    def switch(self, target: Topology | Placement, report: SwitchReport, fault: Fault | None = None,
+               on_phase: Callable[[SwitchReport], None] | None = None) -> list[RequestOutput]:
+        """Run one reconfiguration transaction between steps; returns outputs finished while quiescing."""
+        transaction = SwitchTransaction(self, target, report, self.links, fault, on_phase)
+        self.switches.append(report)
+        transaction.run()
+        return transaction.outputs
+
     def recover(self) -> None:
         """Respawn the workers after one died and rebuild the topology from the weight store (not the disk).
 
         Every worker restarts because the world group cannot take a new member in place of a dead one."""
         self.pool.close(timeout=2.0)
+        self.in_flight.clear()
+        self.preempt_all()
         self.pool = WorkerPool(self.template, self.devices)
         self.install(self.placement)
         self.num_recoveries += 1
@@ -180,8 +234,7 @@ class LLMEngine:
                 "index": index, "device": device, "pid": pids[index],
                 "state": ("active" if coords else "standby") if alive[index] else "dead",
                 "pp_rank": coords[0] if coords else None, "tp_rank": coords[1] if coords else None,
-                "weight_bytes": info.weight_bytes if info else 0,
-                "kv_blocks": self.scheduler.blocks.num_blocks if coords else 0,
+                "weight_bytes": info["weight_bytes"], "kv_blocks": info["kv_blocks"],
             })
         return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
                 "workers": workers, "max_model_len": self.max_model_len,

@@ -13,6 +13,8 @@ class TensorParallel:
     size: int
     rank: int
     group: dist.ProcessGroup | None  # None when size is 1
+    # world rank of each tp rank; torch orders a group's members by world rank, a placement may not
+    members: tuple[int, ...] = ()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
@@ -28,7 +30,9 @@ class TensorParallel:
             x = F.pad(x, (0, per - x.shape[-1]))
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)[..., :total]
+        by_world_rank = sorted(self.members)
+        ordered = [parts[by_world_rank.index(world_rank)] for world_rank in self.members]
+        return torch.cat(ordered, dim=-1)[..., :total]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -37,6 +37,17 @@ class DecoderLayer(nn.Module):
         self.gate_up = torch.cat([rows("mlp.gate_proj.weight"), rows("mlp.up_proj.weight")])
         self.down_t = rows("mlp.down_proj.weight")
         self.scale = cfg.head_dim ** -0.5
+        # each checkpoint tensor's rows as views into the fused tensors: what a switch reads from
+        q, kv, inter = self.q_local, self.kv_local, self.gate_up.shape[0] // 2
+        views = {"input_layernorm.weight": self.input_norm, "post_attention_layernorm.weight": self.post_norm,
+                 "self_attn.q_proj.weight": self.qkv[:q], "self_attn.k_proj.weight": self.qkv[q:q + kv],
+                 "self_attn.v_proj.weight": self.qkv[q + kv:], "self_attn.o_proj.weight": self.o_t,
+                 "mlp.gate_proj.weight": self.gate_up[:inter], "mlp.up_proj.weight": self.gate_up[inter:],
+                 "mlp.down_proj.weight": self.down_t}
+        if self.qkv_bias is not None:
+            views |= {"self_attn.q_proj.bias": self.qkv_bias[:q], "self_attn.k_proj.bias": self.qkv_bias[q:q + kv],
+                      "self_attn.v_proj.bias": self.qkv_bias[q + kv:]}
+        self.views = {p + name: t for name, t in views.items()}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -71,6 +82,16 @@ class LlamaStage(nn.Module):
             self.norm = fetch("model.norm.weight", (0, cfg.hidden_size))
             head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
             self.lm_head = self.embed if (is_first and cfg.tie_word_embeddings) else fetch(head, vocab_rows)
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name → the rows of it this stage holds (views, no copies)."""
+        views = {name: t for layer in self.layers for name, t in layer.views.items()}
+        if self.embed is not None:
+            views["model.embed_tokens.weight"] = self.embed
+        if self.is_last:
+            views["model.norm.weight"] = self.norm
+            views["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"] = self.lm_head
+        return views
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

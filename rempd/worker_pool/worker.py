@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,9 @@ from rempd.engine.step_input import StepInput
 from rempd.model.attention import AttentionMetadata
 from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
+from rempd.migrate.plan import SwitchPlan
+from rempd.migrate.reshard import switch_shard
+from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.llama import LlamaStage
 from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank, stage_layers
@@ -56,7 +60,9 @@ class Worker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{setup.master_port}",
                                 rank=setup.index, world_size=setup.world_size, timeout=timedelta(minutes=5))
+        self.world = dist.group.WORLD
         self.store = WeightStore.attach(setup.store_name)
+        self.geometry = ModelGeometry(setup.model, setup.dtype)
         self.dtype = DTYPES[setup.dtype]
         self.groups = GroupCache()
         self.placement: Placement | None = None
@@ -77,7 +83,8 @@ class Worker:
             return None
         pp_rank, tp_rank = coords
         cfg, topo = self.setup.model, placement.topology
-        tp = TensorParallel(topo.tp, tp_rank, self.groups.get(placement.tp_group(pp_rank)))
+        members = placement.tp_group(pp_rank)
+        tp = TensorParallel(topo.tp, tp_rank, self.groups.get(members), members)
         layers = stage_layers(cfg.num_layers, topo.pp)[pp_rank]
         self.stage = LlamaStage(cfg, layers, pp_rank == 0, pp_rank == topo.pp - 1, tp, self._fetch,
                                 max_len, self.device)
@@ -112,17 +119,74 @@ class Worker:
             inputs = torch.tensor(step.token_ids, dtype=torch.long, device=dev)
         else:
             inputs = torch.empty(step.num_tokens, self.setup.model.hidden_size, dtype=self.dtype, device=dev)
-            dist.recv(inputs, src=placement.worker(pp_rank - 1, tp_rank))
+            dist.recv(inputs, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
         out = stage(inputs, positions, self.kv, meta, sample_indices)
         if not stage.is_last:
             self._wait_sends()
-            self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank)))
+            self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world))
             return None
         if tp_rank != 0:
             return None
         if return_logits:
             return out.cpu().numpy()  # torch tensors would travel as shared-memory handles
         return sample(out, step.samples) if step.samples else None
+
+    def kv_capacity(self, placement: Placement, block_size: int) -> int | None:
+        """KV blocks this worker could hold under `placement`, counting what a switch would free."""
+        shard = shard_of(self.setup.model, placement, self.setup.index)
+        if shard is None:
+            return None
+        cfg = self.setup.model
+        shape = KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, placement.topology.tp),
+                        cfg.head_dim, self.dtype)
+        budget = kv_budget_bytes(self.device, self.setup.kv_cache_memory, self.setup.gpu_memory_utilization,
+                                 reserve_bytes=1 << 30)
+        if self.device.type == "cuda":
+            held = self.info()
+            budget += held["kv_bytes"] + held["weight_bytes"] - self.geometry.weight_bytes(shard)
+        return budget // shape.bytes_per_block
+
+    def prepare_groups(self, placement: Placement) -> int:
+        """Build the groups of `placement` that are not cached; every worker calls this together."""
+        return self.groups.build(placement)
+
+    def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
+               max_len: int) -> dict:
+        """This worker's part of the transform phase; see rempd.migrate.reshard."""
+        self.stage, self.kv, self.kv_shape, times = switch_shard(self, plan, live_blocks, num_blocks, block_size,
+                                                                 max_len)
+        self.placement = plan.new
+        return times
+
+    def measure_links(self, size_bytes: int = 32 << 20) -> dict:
+        """Seconds to move `size_bytes` host store → device, within the device, and to a peer (workers pair up
+        0↔1, 2↔3, …; an odd one out measures no peer link). All workers call this together."""
+        src = self.store.buffer()[:size_bytes]
+        dst = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
+        timings = {}
+        for name, action in (("host", lambda: dst.copy_(src)), ("local", lambda: dst.clone())):
+            action()
+            self._sync()
+            start = time.perf_counter()
+            action()
+            self._sync()
+            timings[name] = time.perf_counter() - start
+        peer = self.setup.index ^ 1
+        if peer < self.setup.world_size:
+            for _ in range(2):  # the first exchange also sets up the connection
+                self._sync()
+                start = time.perf_counter()
+                ops = [dist.P2POp(dist.isend, dst, peer, self.world),
+                       dist.P2POp(dist.irecv, torch.empty_like(dst), peer, self.world)]
+                for request in dist.batch_isend_irecv(ops):
+                    request.wait()
+                self._sync()
+                timings["peer"] = time.perf_counter() - start
+        return {"bytes": src.numel(), **timings}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _wait_sends(self) -> None:
         for work in self.pending_sends:
@@ -132,7 +196,9 @@ class Worker:
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": self.setup.device,
                 "weight_bytes": sum(t.numel() * t.element_size() for t in _tensors(self.stage)) if self.stage else 0,
-                "kv_blocks": 0 if self.kv is None else self.kv.shape[2]}
+                "kv_blocks": 0 if self.kv is None else self.kv.shape[2],
+                "kv_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
+                "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds}
 
     def shutdown(self) -> None:
         self.release()

@@ -1,0 +1,181 @@
+"""A worker's part of a switch: pack live KV, exchange weights and KV with peers, build the new shard.
+
+Every worker walks the same plan in the same order, so the point-to-point messages of each (src, dst) pair
+match without tags. Peer transfers are posted together and overlap the host-store loads and local copies."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from rempd.migrate.plan import SwitchPlan, WeightPiece
+from rempd.migrate.shards import Shard
+
+RowSource = Callable[[str, int, int], torch.Tensor]  # (name, start, stop) → rows from the host store
+
+
+@dataclass
+class ReshardTimes:
+    """Seconds of each step on this worker, and bytes it moved to and from peers."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def pack_kv(plan: SwitchPlan, me: int, old_shard: Shard | None, old_heads: range | None,
+            kv: torch.Tensor | None, live_blocks: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Copy out the live blocks of every KV piece this worker sources: [layers, 2, live, block, heads, dim]."""
+    packed = {}
+    for i, piece in enumerate(plan.kv):
+        if piece.src != me:
+            continue
+        l0 = piece.layers.start - old_shard.layers.start
+        h0 = piece.heads.start - old_heads.start
+        layers = kv[l0:l0 + len(piece.layers)]
+        packed[i] = layers.index_select(2, live_blocks)[:, :, :, :, h0:h0 + len(piece.heads)].contiguous()
+    return packed
+
+
+def post_exchange(plan: SwitchPlan, me: int, old_weights: dict[str, torch.Tensor], old_rows: dict[str, tuple],
+                  packed_kv: dict[int, torch.Tensor], kv_piece_shape: Callable[[int], tuple],
+                  row_shape: Callable[[str], tuple], dtype: torch.dtype, device: torch.device,
+                  times: ReshardTimes, group: dist.ProcessGroup) -> tuple[list, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Post every peer send and receive of weights and KV at once; returns (requests, weight bufs, kv bufs)."""
+    ops, weight_bufs, kv_bufs = [], {}, {}
+    for i, piece in enumerate(plan.weights):
+        if piece.source != "peer":
+            continue
+        if piece.src == me:
+            start = old_rows[piece.name][0]
+            rows = old_weights[piece.name][piece.start - start:piece.stop - start].contiguous()
+            ops.append(dist.P2POp(dist.isend, rows, piece.dst, group))
+            times.bytes_sent += piece.nbytes
+        elif piece.dst == me:
+            weight_bufs[i] = torch.empty(piece.stop - piece.start, *row_shape(piece.name), dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, weight_bufs[i], piece.src, group))
+            times.bytes_received += piece.nbytes
+    for i, piece in enumerate(plan.kv):
+        if piece.source != "peer":
+            continue
+        if piece.src == me:
+            ops.append(dist.P2POp(dist.isend, packed_kv[i], piece.dst, group))
+            times.bytes_sent += packed_kv[i].numel() * packed_kv[i].element_size()
+        elif piece.dst == me:
+            kv_bufs[i] = torch.empty(kv_piece_shape(i), dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, kv_bufs[i], piece.src, group))
+            times.bytes_received += kv_bufs[i].numel() * kv_bufs[i].element_size()
+    return (dist.batch_isend_irecv(ops) if ops else []), weight_bufs, kv_bufs
+
+
+def assemble_rows(pieces: list[tuple[int, WeightPiece]], rows: tuple[int, int], me: int,
+                  old_weights: dict[str, torch.Tensor], old_rows: dict[str, tuple],
+                  weight_bufs: dict[int, torch.Tensor], from_host: RowSource, requests: list,
+                  out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (this worker's new rows of one tensor) from its pieces: stay, host, then peers."""
+    peer = []
+    for i, piece in pieces:
+        target = out[piece.start - rows[0]:piece.stop - rows[0]]
+        if piece.src == me:
+            start = old_rows[piece.name][0]
+            target.copy_(old_weights[piece.name][piece.start - start:piece.stop - start])
+        elif piece.src is None:
+            target.copy_(from_host(piece.name, piece.start, piece.stop))
+        else:
+            peer.append((target, i))
+    if peer:
+        for request in requests:  # the first peer piece waits for all transfers; later ones find them done
+            request.wait()
+        requests.clear()
+        for target, i in peer:
+            target.copy_(weight_bufs.pop(i))
+    return out
+
+
+def install_kv(plan: SwitchPlan, me: int, new_shard: Shard, new_heads: range, kv: torch.Tensor,
+               packed: dict[int, torch.Tensor], received: dict[int, torch.Tensor], num_live: int) -> None:
+    """Write each piece into the new pool; live blocks are compacted to ids 0..num_live-1."""
+    for i, piece in enumerate(plan.kv):
+        if piece.dst != me:
+            continue
+        data = packed[i] if piece.src == me else received[i]
+        l0 = piece.layers.start - new_shard.layers.start
+        h0 = piece.heads.start - new_heads.start
+        kv[l0:l0 + len(piece.layers), :, :num_live, :, h0:h0 + len(piece.heads)] = data
+
+
+def timed(times: ReshardTimes, name: str, start: float) -> float:
+    now = time.perf_counter()
+    times.phases[name] = times.phases.get(name, 0.0) + now - start
+    return now
+
+
+def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
+                 max_len: int) -> tuple:
+    """Run the transform on `worker` (a rempd.worker_pool.worker.Worker); returns its new
+    (stage, kv, kv_shape, report). The old pool is freed before the new one is allocated."""
+    from rempd.engine.kv_cache import KVShape
+    from rempd.model.layers import TensorParallel
+    from rempd.model.llama import LlamaStage
+    from rempd.migrate.shards import shard_of
+    from rempd.topology import kv_heads_per_rank
+
+    me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
+    old_shard, new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
+    times = ReshardTimes()
+    start = time.perf_counter()
+    worker._wait_sends()
+    live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
+    packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
+    worker.kv = None
+    start = timed(times, "kv_pack", start)
+
+    old_weights = worker.stage.named_weights() if worker.stage is not None else {}
+    old_rows = geo.holdings(old_shard) if old_shard else {}
+
+    def row_shape(name: str) -> tuple:
+        return tuple(worker.store.entry(name).shape[1:])
+
+    def kv_piece_shape(i: int) -> tuple:
+        piece = plan.kv[i]
+        return (len(piece.layers), 2, len(live_blocks), block_size, len(piece.heads), cfg.head_dim)
+
+    requests, weight_bufs, kv_bufs = post_exchange(plan, me, old_weights, old_rows, packed, kv_piece_shape,
+                                                   row_shape, dtype, dev, times, worker.world)
+    stage = None
+    if new_shard is not None:
+        mine: dict[str, list[tuple[int, WeightPiece]]] = {}
+        for i, piece in enumerate(plan.weights):
+            if piece.dst == me:
+                mine.setdefault(piece.name, []).append((i, piece))
+
+        def from_host(name: str, a: int, b: int) -> torch.Tensor:
+            return worker.store.rows(name, a, b).to(dev, dtype)
+
+        def fetch(name: str, rows: tuple[int, int]) -> torch.Tensor:
+            out = torch.empty(rows[1] - rows[0], *row_shape(name), dtype=dtype, device=dev)
+            return assemble_rows(mine[name], rows, me, old_weights, old_rows, weight_bufs, from_host, requests, out)
+
+        members = plan.new.tp_group(new_shard.pp_rank)
+        tp = TensorParallel(new_shard.tp, new_shard.tp_rank, worker.groups.get(members), members)
+        stage = LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, fetch, max_len, dev)
+    start = timed(times, "weights", start)
+    for request in requests:
+        request.wait()
+    start = timed(times, "exchange_wait", start)
+    del old_weights
+    worker.stage = None  # the old shard's tensors go once every peer has read them
+    kv = kv_shape = None
+    if new_shard is not None:
+        kv_shape = KVShape(len(new_shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, new_shard.tp),
+                           cfg.head_dim, dtype)
+        kv = kv_shape.allocate(num_blocks, dev)
+        install_kv(plan, me, new_shard, geo.kv_heads(new_shard), kv, packed, kv_bufs, len(live_blocks))
+    timed(times, "kv_install", start)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+    report = {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received}
+    return stage, kv, kv_shape, report

@@ -1,0 +1,166 @@
+"""The reconfiguration transaction: plan → quiesce → groups → transform → commit → resume, one at a time.
+
+It runs on the engine's thread between steps. A failure before commit rolls back to the old placement; the
+daemon keeps serving either way and no request is lost (at worst it is recomputed)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from typing import Callable
+
+from rempd.engine.block_manager import BlockManager
+from rempd.migrate.plan import SwitchPlan, plan_switch
+from rempd.migrate.predict import LinkSpeeds, predict
+from rempd.migrate.report import SwitchReport
+from rempd.migrate.shards import ModelGeometry
+from rempd.topology import Placement, Topology, TopologyError, check_topology
+from rempd.worker_pool.pool import WorkerError
+
+log = logging.getLogger("rempd.switch")
+Fault = tuple[str, str]  # (phase, "raise" | "kill"): test-only fault injection
+
+
+class SwitchRefused(ValueError):
+    """The target cannot run; nothing changed."""
+
+
+def make_plan(engine, target: Topology | Placement) -> SwitchPlan:
+    """Validate the target and plan the moves for the KV live now. No side effects."""
+    cfg, config = engine.model_config, engine.config
+    topology = target.topology if isinstance(target, Placement) else target
+    try:
+        check_topology(topology, len(engine.devices), cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)
+    except TopologyError as exc:
+        raise SwitchRefused(str(exc)) from exc
+    geo = ModelGeometry(cfg, engine.template.dtype)
+    live = sum(len(s.block_table) for s in engine.scheduler.running)
+    return plan_switch(geo, engine.placement, target, len(engine.devices), live, config.block_size)
+
+
+def check_capacity(engine, plan: SwitchPlan) -> int:
+    """Blocks the new pool will have; refuses a target that cannot hold one full-length sequence."""
+    capacities = engine.pool.call("kv_capacity", plan.new, engine.config.block_size, workers=list(plan.new.workers))
+    num_blocks = min(capacities)
+    needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
+    if num_blocks < needed:
+        raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {num_blocks} KV blocks, "
+                            f"{needed} needed for one {engine.max_model_len}-token sequence")
+    return num_blocks
+
+
+class SwitchTransaction:
+    def __init__(self, engine, target: Topology | Placement, report: SwitchReport, links: LinkSpeeds,
+                 fault: Fault | None = None, on_phase: Callable[[SwitchReport], None] | None = None):
+        self.engine, self.target, self.report, self.links = engine, target, report, links
+        self.fault = fault
+        self.on_phase = on_phase or (lambda report: None)
+        self.outputs: list = []  # request outputs produced while quiescing, for the caller to deliver
+
+    def _enter(self, phase: str) -> float:
+        self.report.phase = phase
+        self.on_phase(self.report)
+        if self.fault and self.fault[0] == phase:
+            kind, self.fault = self.fault[1], None
+            if kind == "kill":
+                os.kill(self.engine.pool.pids()[self.engine.placement.workers[-1]], signal.SIGKILL)
+            else:
+                raise RuntimeError(f"injected fault in {phase}")
+        return time.perf_counter()
+
+    def _leave(self, phase: str, start: float) -> None:
+        self.report.phases[phase] = time.perf_counter() - start
+
+    def run(self) -> SwitchReport:
+        engine, report = self.engine, self.report
+        begin = time.perf_counter()
+        old = engine.placement
+        committed = False
+        try:
+            start = self._enter("plan")
+            plan = make_plan(engine, self.target)
+            num_blocks = check_capacity(engine, plan)
+            self._leave("plan", start)
+
+            start = self._enter("quiesce")
+            self.outputs += engine.quiesce()
+            live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
+            while sum(len(s.block_table) for s in live) > num_blocks:
+                engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
+                report.requests_preempted += 1
+            plan = make_plan(engine, plan.new)  # the live KV is final now
+            report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
+            report.predicted = predict(plan, self.links)
+            report.requests_live = len(live)
+            self._leave("quiesce", start)
+
+            start = self._enter("groups")
+            engine.pool.call("prepare_groups", plan.new)
+            self._leave("groups", start)
+
+            start = self._enter("transform")
+            live_blocks = [b for s in live for b in s.block_table]
+            involved = sorted(set(old.workers) | set(plan.new.workers))
+            max_len = engine.max_model_len
+            results = engine.pool.call("switch", plan, live_blocks, num_blocks, engine.config.block_size,
+                                       max_len, workers=involved)
+            self._leave("transform", start)
+            for result in results:
+                for name, seconds in result["phases"].items():
+                    report.transform_detail[name] = max(report.transform_detail.get(name, 0.0), seconds)
+
+            start = self._enter("commit")
+            self._commit(plan, live, num_blocks)
+            committed = True
+            report.kv_blocks_migrated = len(live_blocks)
+            self._leave("commit", start)
+
+            start = self._enter("resume")
+            self._leave("resume", start)
+            report.state = "committed"
+        except SwitchRefused as exc:
+            report.state, report.error = "refused", str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure before commit rolls back
+            report.error = f"{report.phase}: {exc}".splitlines()[0]
+            if committed:
+                raise
+            self._rollback(old, exc)
+        finally:
+            report.phase = None
+            report.total_seconds = time.perf_counter() - begin
+            self.on_phase(report)
+        return report
+
+    def _commit(self, plan: SwitchPlan, live: list, num_blocks: int) -> None:
+        """Live blocks now sit compacted at ids 0..n-1 of the new pool; give each sequence its new ids."""
+        engine = self.engine
+        blocks = BlockManager(num_blocks, engine.config.block_size)
+        next_id = 0
+        for seq in live:
+            count = len(seq.block_table)
+            seq.block_table = list(range(next_id, next_id + count))
+            next_id += count
+        blocks.free_blocks = deque(range(next_id, num_blocks))
+        engine.scheduler.blocks = blocks
+        engine.placement = plan.new
+        engine.shard_infos = engine.pool.call("info")
+
+    def _rollback(self, old: Placement, exc: Exception) -> None:
+        """Back to the old placement. Before transform the workers are untouched; after it started, their
+        shards are rebuilt from the weight store and live requests recompute their KV."""
+        engine, report = self.engine, self.report
+        log.warning("switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
+        touched = report.phase in ("transform", "commit")
+        try:
+            if isinstance(exc, WorkerError) and not all(engine.pool.alive()):
+                engine.placement = old
+                engine.recover()
+            elif touched:
+                engine.preempt_all()
+                engine.install(old)
+            report.state = "rolled_back"
+        except Exception as again:  # noqa: BLE001
+            report.state, report.error = "failed", f"{report.error}; rollback failed: {again}"
+            raise
