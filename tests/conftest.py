@@ -14,3 +14,75 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {shape: make_checkpoint(shape, root / shape, seed=0) for shape in ("tiny-llama", "tiny-qwen2")}
+
+
+class RunningDaemon:
+    """A real `rempd serve` subprocess on a temporary socket and port."""
+
+    def __init__(self, model: Path, tmp: Path, tp: int = 1, pp: int = 1, workers: int = 4,
+                 extra: list[str] | None = None, env: dict[str, str] | None = None):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.socket = str(tmp / "rempd.sock")
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.model_name = model.name
+        self.log = tmp / "rempd.log"
+        cmd = [sys.executable, "-m", "rempd", "serve", "--model", str(model), "--cpu-workers", str(workers),
+               "--tp", str(tp), "--pp", str(pp), "--port", str(self.port), "--socket", self.socket, *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rempd exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"rempd not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def control(self):
+        import httpx
+
+        return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://rempd", timeout=120)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """start_daemon(model, tp=…, pp=…, extra=[…], env={…}) → RunningDaemon, stopped after the test."""
+    started: list[RunningDaemon] = []
+
+    def start(model: Path, **kwargs) -> RunningDaemon:
+        folder = tmp_path / f"daemon{len(started)}"
+        folder.mkdir()
+        daemon = RunningDaemon(model, folder, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()

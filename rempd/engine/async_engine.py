@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -13,9 +14,19 @@ from rempd.engine.config import EngineConfig
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.sampling_params import SamplingParams
+from rempd.migrate.predict import plan_summary
+from rempd.migrate.report import SwitchReport
+from rempd.migrate.transaction import Fault, check_capacity, make_plan
+from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 
 log = logging.getLogger("rempd.engine")
+
+
+class SwitchInProgress(RuntimeError):
+    def __init__(self, switch_id: str):
+        super().__init__(f"switch {switch_id} is in progress")
+        self.switch_id = switch_id
 
 
 class AsyncEngine:
@@ -83,6 +94,9 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         kind, request_id, *args = command
+        if kind == "call":  # request_id holds the function, args[0] the future
+            self._call(request_id, args[0])
+            return
         if kind == "abort":
             self.engine.abort_request(request_id)
             return
@@ -90,6 +104,49 @@ class AsyncEngine:
             self.engine.add_request(request_id, *args)
         except ValueError as exc:
             self._emit([RequestOutput(request_id, [], "", True, "error", len(args[0]), 0, error=str(exc))])
+
+    def _call(self, fn: Callable[[], object], future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(fn())
+        except WorkerError as exc:
+            future.set_exception(exc)
+            self._emit(self.engine.fail_all(f"request failed: {exc}".splitlines()[0]))
+            self._recover()
+        except Exception as exc:  # noqa: BLE001 - the caller gets it
+            future.set_exception(exc)
+
+    async def on_engine_thread(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the engine's thread between two steps."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.commands.put(("call", fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def plan(self, target: Topology | Placement) -> dict:
+        """A dry run: the placement, the bytes per source and the predicted phase times, or SwitchRefused."""
+        def run() -> dict:
+            plan = make_plan(self.engine, target)
+            check_capacity(self.engine, plan)
+            return plan_summary(plan, self.engine.links)
+        return await self.on_engine_thread(run)
+
+    def running_switch(self) -> SwitchReport | None:
+        current = self.engine.switches[-1] if self.engine.switches else None
+        return current if current is not None and not current.done else None
+
+    def start_switch(self, target: Topology | Placement, fault: Fault | None = None) -> tuple[SwitchReport, asyncio.Future]:
+        """Begin a switch; returns its report, updated live, and a future that resolves when it ends.
+        Raises SwitchInProgress while another one runs."""
+        current = self.running_switch()
+        if current is not None:
+            raise SwitchInProgress(current.id)
+        report = SwitchReport(id=f"sw-{len(self.engine.switches) + 1}", source=str(self.engine.placement),
+                              target=str(target.topology if isinstance(target, Placement) else target))
+        self.engine.switches.append(report)
+
+        def run() -> SwitchReport:
+            self._emit(self.engine.switch(target, report, fault))
+            return report
+        return report, asyncio.ensure_future(self.on_engine_thread(run))
 
     def _run(self) -> None:
         engine = self.engine

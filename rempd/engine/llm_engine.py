@@ -209,7 +209,8 @@ class LLMEngine:
                on_phase: Callable[[SwitchReport], None] | None = None) -> list[RequestOutput]:
         """Run one reconfiguration transaction between steps; returns outputs finished while quiescing."""
         transaction = SwitchTransaction(self, target, report, self.links, fault, on_phase)
-        self.switches.append(report)
+        if report not in self.switches:
+            self.switches.append(report)
         transaction.run()
         return transaction.outputs
 

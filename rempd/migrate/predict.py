@@ -47,3 +47,13 @@ def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 1) -> dict[st
     }
     phases["total"] = sum(phases.values())
     return phases
+
+
+def plan_summary(plan: SwitchPlan, links: LinkSpeeds) -> dict:
+    """What `rempctl plan` shows: the placement, bytes by source, and predicted seconds per phase."""
+    return {
+        "source": str(plan.old), "target": str(plan.new), "placement": list(plan.new.workers),
+        "tp": plan.new.topology.tp, "pp": plan.new.topology.pp,
+        "bytes_by_source": plan.bytes_by_source, "kv_blocks": plan.num_live_blocks,
+        "predicted": predict(plan, links), "links": links.to_dict(),
+    }

@@ -130,6 +130,8 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
     packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
     worker.kv = None
+    if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory
+        torch.cuda.empty_cache()
     start = timed(times, "kv_pack", start)
 
     old_weights = worker.stage.named_weights() if worker.stage is not None else {}

@@ -20,7 +20,7 @@ from rempd.topology import Placement, Topology, TopologyError, check_topology
 from rempd.worker_pool.pool import WorkerError
 
 log = logging.getLogger("rempd.switch")
-Fault = tuple[str, str]  # (phase, "raise" | "kill"): test-only fault injection
+Fault = tuple[str, str]  # (phase, "raise" | "kill" | "delay"): test-only fault injection
 
 
 class SwitchRefused(ValueError):
@@ -66,6 +66,8 @@ class SwitchTransaction:
             kind, self.fault = self.fault[1], None
             if kind == "kill":
                 os.kill(self.engine.pool.pids()[self.engine.placement.workers[-1]], signal.SIGKILL)
+            elif kind == "delay":
+                time.sleep(1.0)
             else:
                 raise RuntimeError(f"injected fault in {phase}")
         return time.perf_counter()
@@ -149,12 +151,13 @@ class SwitchTransaction:
 
     def _rollback(self, old: Placement, exc: Exception) -> None:
         """Back to the old placement. Before transform the workers are untouched; after it started, their
-        shards are rebuilt from the weight store and live requests recompute their KV."""
+        shards are rebuilt from the weight store and live requests recompute their KV. A worker that failed
+        may have left its peers blocked in a transfer with it, so then every worker is restarted."""
         engine, report = self.engine, self.report
         log.warning("switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
         touched = report.phase in ("transform", "commit")
         try:
-            if isinstance(exc, WorkerError) and not all(engine.pool.alive()):
+            if isinstance(exc, WorkerError):
                 engine.placement = old
                 engine.recover()
             elif touched:

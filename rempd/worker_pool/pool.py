@@ -100,12 +100,15 @@ class WorkerPool:
         return targets
 
     def _reply(self, index: int, timeout: float | None) -> Any:
+        """The next reply of one worker. A death of any worker ends the wait: its peers may be blocked in a
+        collective with it and would never answer."""
         conn, proc = self.conns[index], self.procs[index]
-        ready = wait([conn, proc.sentinel], timeout)
+        ready = wait([conn, *(p.sentinel for p in self.procs)], timeout)
         if not ready:
             raise WorkerError(index, f"no reply within {timeout} s")
         if conn not in ready:
-            raise WorkerError(index, f"died (exit code {proc.exitcode})")
+            dead = next(i for i, p in enumerate(self.procs) if p.sentinel in ready)
+            raise WorkerError(dead, f"died (exit code {self.procs[dead].exitcode})")
         try:
             status, value = conn.recv()
         except (EOFError, ConnectionResetError) as exc:

@@ -63,6 +63,7 @@ class Worker:
         self.world = dist.group.WORLD
         self.store = WeightStore.attach(setup.store_name)
         self.geometry = ModelGeometry(setup.model, setup.dtype)
+        self.pinned = self._pin_store()
         self.dtype = DTYPES[setup.dtype]
         self.groups = GroupCache()
         self.placement: Placement | None = None
@@ -70,6 +71,17 @@ class Worker:
         self.kv: torch.Tensor | None = None
         self.kv_shape: KVShape | None = None
         self.pending_sends: list[dist.Work] = []
+
+    def _pin_store(self) -> bool:
+        """Page-lock the weight store once, so host loads in a switch run at full PCIe speed.
+
+        The mapping is read-only, which cudaHostRegister accepts only with its read-only flag."""
+        if self.device.type != "cuda":
+            return False
+        buffer = self.store.buffer()
+        read_only = 8  # cudaHostRegisterReadOnly
+        error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), read_only)
+        return int(error) == 0
 
     def _fetch(self, name: str, rows: tuple[int, int]) -> torch.Tensor:
         return self.store.rows(name, *rows).to(self.device, self.dtype, copy=True)
@@ -159,8 +171,9 @@ class Worker:
         return times
 
     def measure_links(self, size_bytes: int = 32 << 20) -> dict:
-        """Seconds to move `size_bytes` host store → device, within the device, and to a peer (workers pair up
-        0↔1, 2↔3, …; an odd one out measures no peer link). All workers call this together."""
+        """Seconds to move `size_bytes` host store → device, within the device, and to a peer. All workers call
+        this together, which also makes every worker take part in the world group's first batched transfer,
+        as NCCL requires."""
         src = self.store.buffer()[:size_bytes]
         dst = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
         timings = {}
@@ -171,13 +184,13 @@ class Worker:
             action()
             self._sync()
             timings[name] = time.perf_counter() - start
-        peer = self.setup.index ^ 1
-        if peer < self.setup.world_size:
-            for _ in range(2):  # the first exchange also sets up the connection
+        size, me = self.setup.world_size, self.setup.index
+        if size > 1:  # a ring: every worker sends to the next and receives from the previous, all at once
+            for _ in range(2):  # the first exchange also sets up the connections
                 self._sync()
                 start = time.perf_counter()
-                ops = [dist.P2POp(dist.isend, dst, peer, self.world),
-                       dist.P2POp(dist.irecv, torch.empty_like(dst), peer, self.world)]
+                ops = [dist.P2POp(dist.isend, dst, (me + 1) % size, self.world),
+                       dist.P2POp(dist.irecv, torch.empty_like(dst), (me - 1) % size, self.world)]
                 for request in dist.batch_isend_irecv(ops):
                     request.wait()
                 self._sync()
@@ -203,6 +216,8 @@ class Worker:
     def shutdown(self) -> None:
         self.release()
         self.groups.destroy()
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.store.buffer().data_ptr())
         dist.destroy_process_group()
         self.store.close()
 
@@ -230,7 +245,9 @@ def worker_main(address: str) -> None:
     authkey = sys.stdin.buffer.read()
     conn = Client(address, family="AF_UNIX", authkey=authkey)
     setup: WorkerSetup = conn.recv()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the daemon, which ends us in order
+    # Ctrl-C, and systemd's SIGTERM to the whole cgroup, are for the daemon: it drains, then ends us in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // max(1, setup.world_size))))
     try:
         worker = Worker(setup)

@@ -1,0 +1,170 @@
+"""Switch matrix: every ordered pair of topologies under live streaming load, beside a restart of the same model.
+
+python bench/switch_matrix.py --shape llama2-7b --devices 0,1,2,3 --out bench/results/switch_matrix_llama2-7b.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
+
+TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1", "TP1PP2", "TP2PP1"]
+
+
+def parse(name: str) -> tuple[int, int]:
+    tp, pp = name.upper().removeprefix("TP").split("PP")
+    return int(tp), int(pp)
+
+
+def start_daemon(model: Path, devices: str, topology: str, port: int, socket_path: str, extra: list[str],
+                 log_path: Path) -> subprocess.Popen:
+    tp, pp = parse(topology)
+    flags = ["--devices", devices] if devices != "cpu" else ["--cpu-workers", "4"]
+    cmd = [sys.executable, "-m", "rempd", "serve", "--model", str(model), *flags, "--tp", str(tp), "--pp", str(pp),
+           "--port", str(port), "--socket", socket_path, *extra]
+    return subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+
+
+def control(socket_path: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://rempd", timeout=600)
+
+
+def switch(ctl: httpx.Client, topology: str) -> dict:
+    tp, pp = parse(topology)
+    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp})
+    if response.status_code >= 400:
+        return {"state": "refused", "error": response.json().get("error", {}).get("message")}
+    switch_id = response.json()["id"]
+    while True:
+        report = ctl.get(f"/v1/switches/{switch_id}").json()
+        if report["state"] != "running":
+            return report
+        time.sleep(0.02)
+
+
+async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, clients: int,
+                         max_tokens: int, warm_tokens: int) -> dict:
+    """Start `clients` streams, switch once every stream has `warm_tokens` tokens, and let them finish."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as http:
+        prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog. " * (1 + i % 4) for i in range(clients)]
+        live = [Stream(p) for p in prompts]
+        tasks = [asyncio.create_task(stream_completion(http, base, model, s.prompt, max_tokens, stream=s))
+                 for s in live]
+        begin = time.perf_counter()
+        while time.perf_counter() - begin < 300 and not all(
+                len(s.token_times) >= warm_tokens or t.done() for s, t in zip(live, tasks)):
+            await asyncio.sleep(0.005)
+        start = time.perf_counter()
+        report = await asyncio.to_thread(switch, ctl, target)
+        end = time.perf_counter()
+        streams = await asyncio.gather(*tasks)
+    report["serving_pause_s"] = serving_pause(streams, start, end)
+    report["wall_s"] = end - start
+    report["failed_requests"] = sum(1 for s in streams if s.error or s.finish_reason != "length")
+    return report
+
+
+async def restart_time(model: Path, devices: str, topology: str, port: int, name: str, log_path: Path) -> float:
+    """A fresh rempd serve at `topology` until its first streamed token."""
+    with tempfile.TemporaryDirectory() as tmp:
+        begin = time.perf_counter()
+        proc = start_daemon(model, devices, topology, port, f"{tmp}/r.sock", [], log_path)
+        try:
+            await wait_healthy(f"http://127.0.0.1:{port}", 900)
+            async with httpx.AsyncClient() as http:
+                stream = await stream_completion(http, f"http://127.0.0.1:{port}", name, "Hello", 2)
+            return stream.token_times[0] - begin
+        finally:
+            proc.terminate()
+            proc.wait(120)
+
+
+async def run_matrix(model: Path, shape: str, devices: str, topologies: list[str], args, log_path: Path) -> dict:
+    results: dict = {"cells": []}
+    port = 18000
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = f"{tmp}/rempd.sock"
+        daemon = start_daemon(model, devices, topologies[0], port, sock, [], log_path)
+        try:
+            results["startup_s"] = await wait_healthy(f"http://127.0.0.1:{port}", 1800)
+            ctl = control(sock)
+            results["links"] = ctl.post("/v1/plan", json={"tp": 1, "pp": 1}).json().get("links")
+            for src in topologies:
+                for dst in topologies:
+                    if src != dst:
+                        results["cells"].append(await run_cell(ctl, port, shape, src, dst, args))
+        finally:
+            daemon.terminate()
+            daemon.wait(120)
+    return results
+
+
+async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str, args) -> dict:
+    setup = await asyncio.to_thread(switch, ctl, src)
+    if ctl.get("/v1/status").json()["topology"] != dict(zip(("tp", "pp"), parse(src))):
+        return {"source": src, "target": dst, "state": "source_unfit", "error": setup.get("error")}
+    response = ctl.post("/v1/plan", json=dict(zip(("tp", "pp"), parse(dst))))
+    if response.status_code != 200:
+        return {"source": src, "target": dst, "state": "refused", "error": response.json()["error"]["message"]}
+    runs = [await measure_switch(f"http://127.0.0.1:{port}", shape, ctl, dst, args.clients, args.max_tokens, 8)
+            for _ in range(args.repeats)]
+    totals = [r["total_seconds"] for r in runs if r["state"] == "committed"]
+    cell = {"source": src, "target": dst, "plan": response.json(), "runs": runs, "state": runs[-1]["state"],
+            "median_total_s": statistics.median(totals) if totals else None,
+            "median_pause_s": statistics.median(r["serving_pause_s"] for r in runs)}
+    print(f"{src:>7} → {dst:<7} {cell['state']:<10} total {cell['median_total_s']} pause {cell['median_pause_s']}",
+          flush=True)
+    return cell
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", required=True)
+    ap.add_argument("--devices", default="0,1,2,3")
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    ap.add_argument("--checkpoints", default="/tmp/remp-checkpoints")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-restart", action="store_true")
+    ap.add_argument("--restart-only", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    model = Path(args.checkpoints) / args.shape
+    if not (model / "config.json").exists():
+        from rempd.model.make_checkpoint import make_checkpoint
+        make_checkpoint(args.shape, model)
+    topologies = args.topologies.split(",")
+    out = Path(args.out)
+    log_path = out.with_suffix(".log")
+    results: dict = {"shape": args.shape, "devices": args.devices, "restarts": {}}
+    if not args.restart_only:
+        results |= await run_matrix(model, args.shape, args.devices, topologies, args, log_path)
+    if not args.no_restart:
+        for topology in topologies:
+            try:
+                seconds = await restart_time(model, args.devices, topology, 18001, args.shape, log_path)
+            except Exception as exc:  # noqa: BLE001 - a topology that cannot start is recorded as such
+                seconds = None
+                print(f"restart {topology}: {exc}", flush=True)
+            results["restarts"][topology] = seconds
+            print(f"restart {topology}: {seconds}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main())

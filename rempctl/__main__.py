@@ -1,0 +1,3 @@
+from rempctl.main import main
+
+main()

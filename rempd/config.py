@@ -1,0 +1,218 @@
+"""The daemon's configuration: defaults, then a TOML file, then command-line flags (highest).
+
+Every `rempd serve` flag is a key in the file, spelt either way (`kv-cache-memory` or
+`kv_cache_memory`). Unknown keys and bad values fail start-up with the file and key named, so a
+typo cannot silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from rempd.engine.config import EngineConfig
+
+DEFAULT_CONFIG_PATH = Path("/etc/remp/rempd.toml")
+DEFAULT_SOCKET = "/run/remp/rempd.sock"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration the daemon cannot start with; the message names the source and the key."""
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as "64MiB", "2G", "1.5GB" (K/M/G/T alone are binary)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", value, re.IGNORECASE)
+        if not match:
+            raise ValueError(f"{value!r} is not a size (examples: 67108864, 64MiB, 2G, 1.5GB)")
+        number, unit, binary, byte = match.groups()
+        power = "KMGT".find(unit.upper()) + 1 if unit else 0
+        base = 1000 if unit and byte and not binary else 1024
+        size = int(float(number) * base ** power)
+    else:
+        raise ValueError(f"{value!r} is not a size")
+    if size < 0:
+        raise ValueError(f"a size cannot be negative: {value!r}")
+    return size
+
+
+def parse_devices(value: Any) -> list[int]:
+    """CUDA device ids from a list or from "0,1,2,3"; "" is none (CPU workers)."""
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError(f"{value!r} is not a device list (example: 0,1,2,3)")
+    try:
+        devices = [int(v) for v in items if not isinstance(v, (bool, float))]
+    except ValueError:
+        raise ValueError(f"{value!r} is not a device list (example: 0,1,2,3)") from None
+    if len(devices) != len(items) or any(d < 0 for d in devices):
+        raise ValueError(f"{value!r}: device ids are non-negative integers")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"{value!r} names a device twice")
+    return devices
+
+
+def _strict(kind: type) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and kind is not str:
+            try:
+                return kind(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"expected {kind.__name__}, got {value!r}")
+        return value
+    return parse
+
+
+def _group(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)  # a gid
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError(f"{value!r} is not a group name or gid")
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else parse(value)
+
+
+def _opt(default: Any, parse: Callable[[Any], Any], help: str, repr: bool = True) -> Any:
+    return field(default=default, repr=repr, metadata={"parse": parse, "help": help})
+
+
+@dataclass
+class DaemonConfig:
+    model: str | None = _opt(None, _optional(_strict(str)), "model directory (Hugging Face layout)")
+    devices: list[int] = field(default_factory=list, metadata={
+        "parse": parse_devices, "help": "CUDA device ids the daemon owns, e.g. 0,1,2,3"})
+    cpu_workers: int = _opt(0, _strict(int), "number of CPU workers when no --devices are given")
+    tp: int = _opt(1, _strict(int), "tensor-parallel degree at start")
+    pp: int = _opt(1, _strict(int), "pipeline-parallel degree at start")
+    dtype: str | None = _opt(None, _optional(_strict(str)),
+                             "float32, float16 or bfloat16; the checkpoint's own if unset")
+    host: str = _opt("127.0.0.1", _strict(str), "address of the OpenAI-compatible API")
+    port: int = _opt(8000, _strict(int), "port of the OpenAI-compatible API (0 picks a free one)")
+    socket: str = _opt(DEFAULT_SOCKET, _strict(str), "path of the control socket")
+    socket_group: str | None = _opt(None, _optional(_group), "group (name or gid) allowed on the control socket")
+    api_key: str | None = _opt(None, _optional(_strict(str)), "require 'Authorization: Bearer KEY' on /v1",
+                               repr=False)  # kept out of logs
+    served_model_name: str | None = _opt(None, _optional(_strict(str)),
+                                         "model id in the API; the model directory's name if unset")
+    kv_cache_memory: int = _opt(64 << 20, parse_size, "KV pool per CPU worker, e.g. 64MiB")
+    gpu_memory_utilization: float = _opt(0.9, _strict(float), "share of each GPU's memory rempd may use")
+    max_num_seqs: int = _opt(64, _strict(int), "most requests in one batch")
+    max_num_batched_tokens: int = _opt(1024, _strict(int), "token budget of one step")
+    max_model_len: int | None = _opt(None, _optional(_strict(int)), "context length; the model's own if unset")
+    block_size: int = _opt(16, _strict(int), "tokens per KV block")
+    drain_timeout: float = _opt(30.0, _strict(float), "seconds running requests may take to finish on SIGTERM")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_sources(cls, file: Path | None = None, flags: Mapping[str, Any] | None = None) -> "DaemonConfig":
+        """Defaults, then `file` (if any), then the flags that were given (None means not given)."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            values.update(_read_file(file))
+        given = {k: v for k, v in (flags or {}).items() if v is not None}
+        values.update(_coerce(given, "command line", "--{}"))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        problems = []
+        if not self.model:
+            problems.append("no model: give --model or `model = \"/path\"` in the config file")
+        if self.devices and self.cpu_workers:
+            problems.append("give either --devices or --cpu-workers, not both")
+        if not self.devices and self.cpu_workers < 1:
+            problems.append("no devices: give --devices 0,1,... (GPUs) or --cpu-workers N")
+        for name in ("tp", "pp", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        num_devices = len(self.devices) or self.cpu_workers
+        if num_devices and self.tp * self.pp > num_devices:
+            problems.append(f"tp·pp = {self.tp * self.pp} needs more than the {num_devices} devices given")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append("gpu_memory_utilization must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            problems.append("max_model_len must be at least 2")
+        if self.drain_timeout < 0:
+            problems.append("drain_timeout cannot be negative")
+        if not self.socket.startswith("/"):
+            problems.append(f"socket {self.socket!r} must be an absolute path")
+        if self.api_key == "":
+            problems.append("api_key is empty")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model or "").name
+
+    def engine_config(self) -> EngineConfig:
+        assert self.model, "validate() first"
+        return EngineConfig(
+            model_dir=self.model, tp=self.tp, pp=self.pp, devices=list(self.devices),
+            cpu_workers=self.cpu_workers, dtype=self.dtype, block_size=self.block_size,
+            kv_cache_memory=self.kv_cache_memory, gpu_memory_utilization=self.gpu_memory_utilization,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len)
+
+
+def find_config_file(explicit: Path | None, default: Path = DEFAULT_CONFIG_PATH) -> Path | None:
+    """--config if given (it must exist), else the default path when it is there."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"{explicit}: no such config file")
+        return explicit
+    return default if default.is_file() else None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    values = _coerce({k.replace("-", "_"): v for k, v in raw.items()}, str(path), "{}")
+    model = values.get("model")
+    if model and not Path(model).is_absolute():
+        # systemd starts us in /, so a relative path can only sensibly mean "next to the file"
+        values["model"] = str((path.parent / model).resolve())
+    return values
+
+
+def _coerce(values: Mapping[str, Any], source: str, spelling: str) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            known = ", ".join(k.replace("_", "-") for k in fields)
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
+        try:
+            out[key] = fields[key].metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {spelling.format(key.replace('_', '-'))}: {exc}") from None
+    return out

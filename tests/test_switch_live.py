@@ -1,0 +1,148 @@
+"""Live switches of a real rempd (4 gloo workers) while clients stream through the official openai client."""
+import asyncio
+import random
+import time
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from conftest import RunningDaemon
+
+TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
+PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i % 3 + 1) for i in range(8)]
+MAX_TOKENS = 80
+
+
+@pytest.fixture(scope="module")
+def daemon(checkpoints, tmp_path_factory):
+    running = RunningDaemon(checkpoints["tiny-llama"], tmp_path_factory.mktemp("switch"),
+                            env={"REMP_ENABLE_FAULT_INJECTION": "1"})
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(daemon):
+    """Greedy completions with no switch."""
+    client = OpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
+    return [client.completions.create(model=daemon.model_name, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
+
+
+def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
+    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, **extra})
+    assert response.status_code == 202, response.text
+    switch_id = response.json()["id"]
+    while (report := ctl.get(f"/v1/switches/{switch_id}").json())["state"] == "running":
+        time.sleep(0.01)
+    return report
+
+
+async def stream_through_switches(daemon, targets: list[dict]) -> tuple[list[str], list[dict]]:
+    """Stream every prompt; after every stream has a few chunks, run the switches one after another."""
+    client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
+    chunks: list[list[str]] = [[] for _ in PROMPTS]
+
+    async def one(i: int) -> str:
+        stream = await client.completions.create(model=daemon.model_name, prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        async for event in stream:
+            chunks[i].append(event.choices[0].text)
+        return "".join(chunks[i])
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
+    while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
+        await asyncio.sleep(0.005)
+    reports = []
+    with daemon.control() as ctl:
+        for target in targets:
+            reports.append(await asyncio.to_thread(switch, ctl, **target))
+    return list(await asyncio.gather(*tasks)), reports
+
+
+def preempted(daemon) -> int:
+    with daemon.control() as ctl:
+        return ctl.get("/v1/status").json()["num_preempted"]
+
+
+@pytest.mark.parametrize("source", TOPOLOGIES, ids=lambda t: f"from-TP{t[0]}PP{t[1]}")
+def test_every_ordered_pair_keeps_streams_token_identical(daemon, reference, source):
+    with daemon.control() as ctl:
+        assert switch(ctl, *source)["state"] == "committed"
+    for target in TOPOLOGIES:
+        if target == source:
+            continue
+        before = preempted(daemon)
+        texts, reports = asyncio.run(stream_through_switches(daemon, [{"tp": target[0], "pp": target[1]},
+                                                                     {"tp": source[0], "pp": source[1]}]))
+        assert [r["state"] for r in reports] == ["committed", "committed"], reports
+        assert texts == reference, (source, target)
+        assert reports[0]["requests_live"] == len(PROMPTS) and reports[0]["kv_blocks_migrated"] > 0
+        assert reports[0]["requests_preempted"] == 0
+        assert preempted(daemon) == before  # no KV was recomputed
+
+
+def test_other_placements_of_the_same_shape(daemon, reference):
+    targets = [{"tp": 2, "pp": 2, "placement": [3, 2, 1, 0]}, {"tp": 2, "pp": 2, "placement": [1, 3, 0, 2]},
+               {"tp": 1, "pp": 4, "placement": [2, 0, 3, 1]}, {"tp": 4, "pp": 1, "placement": [3, 1, 2, 0]}]
+    texts, reports = asyncio.run(stream_through_switches(daemon, targets))
+    assert texts == reference
+    assert [r["placement"] for r in reports] == [t["placement"] for t in targets]
+
+
+def test_chain_of_twenty_random_switches(daemon, reference):
+    rng = random.Random(20)
+    targets = [dict(zip(("tp", "pp"), rng.choice(TOPOLOGIES))) for _ in range(20)]
+    texts, reports = asyncio.run(stream_through_switches(daemon, targets))
+    assert all(r["state"] == "committed" for r in reports)
+    assert texts == reference
+
+
+@pytest.mark.parametrize("phase", ["plan", "quiesce", "groups", "transform", "commit"])
+@pytest.mark.parametrize("kind", ["raise", "kill"])
+def test_a_fault_in_any_phase_rolls_back_and_serving_goes_on(daemon, reference, phase, kind):
+    with daemon.control() as ctl:
+        switch(ctl, 2, 2)
+        texts, reports = asyncio.run(stream_through_switches(
+            daemon, [{"tp": 4, "pp": 1, "fault": {"phase": phase, "kind": kind}}]))
+        assert reports[0]["state"] == "rolled_back"
+        # a raised error names its phase; a killed worker is noticed at the next call to the workers
+        assert phase in reports[0]["error"] if kind == "raise" else "died" in reports[0]["error"]
+        status = ctl.get("/v1/status").json()
+        assert status["topology"] == {"tp": 2, "pp": 2}
+        assert all(w["state"] in ("active", "standby") for w in status["workers"])
+    assert texts == reference  # no request failed, and recomputed ones give the same tokens
+    assert switch(daemon.control(), 4, 1)["state"] == "committed"
+
+
+def test_a_switch_during_a_switch_gets_409(daemon):
+    with daemon.control() as ctl:
+        first = ctl.post("/v1/switch", json={"tp": 1, "pp": 4, "fault": {"phase": "transform", "kind": "delay"}})
+        second = ctl.post("/v1/switch", json={"tp": 2, "pp": 1})
+        assert first.status_code == 202
+        assert second.status_code == 409 and first.json()["id"] in second.json()["error"]["message"]
+        while ctl.get(f"/v1/switches/{first.json()['id']}").json()["state"] == "running":
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("tp, pp, reason", [(3, 1, "does not divide the 4 attention heads"),
+                                            (4, 2, "more than the 4 devices")])
+def test_plan_refuses_invalid_targets_and_changes_nothing(daemon, tp, pp, reason):
+    with daemon.control() as ctl:
+        before = ctl.get("/v1/status").json()["topology"]
+        for path in ("/v1/plan", "/v1/switch"):
+            response = ctl.post(path, json={"tp": tp, "pp": pp})
+            assert response.status_code == 400 and reason in response.json()["error"]["message"]
+        assert ctl.get("/v1/status").json()["topology"] == before
+
+
+def test_plan_refuses_a_target_whose_kv_pool_cannot_hold_the_context(checkpoints, start_daemon):
+    # blocks are 4 KiB per worker at TP2PP2 and TP1PP4, 16 KiB at TP1PP1: 40 × 4 KiB holds 512 tokens, 10 do not
+    daemon = start_daemon(checkpoints["tiny-llama"], tp=2, pp=2, extra=["--kv-cache-memory", str(40 * 4096)])
+    with daemon.control() as ctl:
+        response = ctl.post("/v1/plan", json={"tp": 1, "pp": 1})
+        assert response.status_code == 400 and "does not fit" in response.json()["error"]["message"]
+        plan = ctl.post("/v1/plan", json={"tp": 1, "pp": 4}).json()
+        assert set(plan["bytes_by_source"]) >= {"weights_stay", "weights_peer", "weights_host", "kv_stay", "kv_peer"}
+        assert plan["predicted"]["total"] > 0
