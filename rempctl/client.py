@@ -6,7 +6,7 @@ import grp
 import os
 import socket
 import stat
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -20,7 +20,12 @@ class DaemonUnreachable(Exception):
 
 
 class ControlError(Exception):
-    """rempd answered, but with an error (exit code 1)."""
+    """rempd answered, but with an error (exit code 1). `code` is the error body's code, e.g. switch_refused."""
+
+    def __init__(self, message: str, status_code: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
 
 
 class ControlClient:
@@ -30,10 +35,10 @@ class ControlClient:
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://rempd",
                                  timeout=timeout_s)
 
-    def __enter__(self) -> "ControlClient":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.http.close()
 
     def status(self) -> StatusResponse:
@@ -42,20 +47,38 @@ class ControlClient:
         except ProtocolError as exc:
             raise ControlError(f"unexpected answer from rempd: {exc}") from None
 
+    def plan(self, target: dict[str, Any]) -> dict:
+        """The plan summary of `target` ({"tp", "pp", "placement"?}); nothing changes in rempd."""
+        return self.request("POST", "/v1/plan", target)
+
+    def switch(self, target: dict[str, Any], dry_run: bool = False) -> dict:
+        """Starts a switch and returns its first report at once (202); dry_run gives {"dry_run", "plan"}."""
+        return self.request("POST", "/v1/switch", {**target, "dry_run": dry_run})
+
+    def switches(self) -> list[dict]:
+        return self.request("GET", "/v1/switches")
+
+    def switch_report(self, switch_id: str) -> dict:
+        return self.request("GET", f"/v1/switches/{switch_id}")
+
     def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            response = self.http.get(path)
+            response = self.http.request(method, path, json=body)
         except httpx.TimeoutException:
             raise DaemonUnreachable(f"rempd did not answer on {self.socket_path} in time") from None
         except httpx.TransportError:
             raise DaemonUnreachable(diagnose(self.socket_path)) from None
-        body = _json(response)
+        answer = _json(response)
         if response.is_success:
-            return body
-        message = _error_message(body) or f"HTTP {response.status_code}"
+            return answer
+        message = _error_message(answer) or f"HTTP {response.status_code}"
         if response.status_code == 403:
             raise DaemonUnreachable(f"rempd refused this caller: {message}")
-        raise ControlError(f"rempd: {message}")
+        code = answer["error"].get("code") if _error_message(answer) is not None else None
+        raise ControlError(f"rempd: {message}", response.status_code, code)
 
 
 def diagnose(path: str) -> str:

@@ -1,19 +1,34 @@
-"""How rempctl shows answers: rich tables for people, --json for scripts (the protocol's own dicts)."""
+"""How rempctl shows answers: rich tables for people, --json for scripts (the daemon's own dicts).
+
+Plans and switch reports arrive as plain JSON dicts (rempd.migrate.report.SwitchReport and
+rempd.migrate.predict.plan_summary): they are rendered from the dicts, because importing those
+modules would pull numpy and scipy into a CLI that must start fast.
+"""
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.spinner import Spinner
 from rich.table import Table
 
 from rempd.protocol import StatusResponse, WorkerStatus
 
+PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")  # rempd.migrate.report.PHASES
 STATE_STYLE = {"serving": "green", "starting": "yellow", "recovering": "yellow", "draining": "yellow",
-               "failed": "red", "active": "green", "standby": "cyan", "dead": "red", "restarting": "yellow"}
+               "failed": "red", "active": "green", "standby": "cyan", "dead": "red", "restarting": "yellow",
+               "committed": "green", "running": "yellow", "rolled_back": "red", "refused": "red"}
 
 
 def status_json(status: StatusResponse) -> str:
-    return json.dumps(status.to_dict(), indent=2)
+    return as_json(status.to_dict())
+
+
+def as_json(answer: Any) -> str:
+    return json.dumps(answer, indent=2, ensure_ascii=False)
 
 
 def print_status(status: StatusResponse, console: Console) -> None:
@@ -76,6 +91,119 @@ def duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes:02d}m"
     return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def target_of(report: dict) -> str:
+    """The target with its placement: "TP4PP1 on [0,2,1,3]" (a plan's target already says where)."""
+    target, workers = str(report.get("target", "?")), report.get("placement")
+    match = re.fullmatch(r"TP(\d+)PP(\d+)", target)
+    return f"{target} on {placement(workers, int(match[1]))}" if match and workers else target
+
+
+def print_plan(plan: dict, console: Console) -> None:
+    target = target_of(plan).split(" on ")[0]  # the placement gets a line of its own
+    console.print(f"plan from {plan.get('source', '?')} to [bold]{target}[/bold]")
+    console.print(f"  placement  {placement(plan.get('placement') or [], int(plan.get('tp') or 1))}"
+                  f"    live KV blocks {plan.get('kv_blocks', 0)}")
+    console.print(bytes_table(plan.get("bytes_by_source") or {}))
+    console.print(phases_table(plan.get("predicted") or {}))
+    links = plan.get("links")
+    if links:
+        console.print(f"  links: host {links['host_gbps']:.2f} GB/s, peer {links['peer_gbps']:.2f} GB/s, "
+                      f"local {links['local_gbps']:.2f} GB/s; new group {seconds(links['group_seconds'])}, "
+                      f"worker round trip {seconds(links['rpc_seconds'])}")
+
+
+def bytes_table(by_source: dict[str, int]) -> Table:
+    """Bytes each kind of data moves, cheapest path first: stays on its device, from a peer, from host."""
+    table = Table(box=None, pad_edge=False, header_style="bold", title="bytes by source", title_justify="left")
+    for name in ("", "stay", "peer", "host"):
+        table.add_column(name, justify="right" if name else "left")
+    for kind, label in (("weights", "weights"), ("kv", "KV cache")):
+        # KV has no host copy: it only ever lives on the workers
+        cells = [size(by_source[f"{kind}_{src}"]) if f"{kind}_{src}" in by_source else "-"
+                 for src in ("stay", "peer", "host")]
+        table.add_row(label, *cells)
+    return table
+
+
+def phases_table(predicted: dict[str, float], measured: dict[str, float] | None = None, total: float | None = None,
+                 detail: dict[str, float] | None = None, current: str | None = None,
+                 elapsed: float | None = None) -> Table:
+    """Seconds per phase, measured (if given) beside predicted; `current` is the phase running now (live view)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("phase")
+    if measured is not None:
+        table.add_column("measured", justify="right")
+    table.add_column("predicted", justify="right")
+    for phase in PHASES:
+        row: list[RenderableType] = [phase]
+        if measured is not None:
+            if phase in measured:
+                row.append(seconds(measured[phase]))
+            elif phase == current:
+                row.append(Spinner("dots", text=seconds(elapsed), style="yellow"))
+            else:
+                row.append("")
+        table.add_row(*row, seconds(predicted.get(phase)), end_section=phase == PHASES[-1])
+        if phase == "transform" and measured is not None:
+            # the slowest worker's steps: where the transform's time went
+            for step, value in (detail or {}).items():
+                table.add_row(f"  [dim]{step}[/dim]", f"[dim]{seconds(value)}[/dim]", "")
+    row = ["[bold]total[/bold]"]
+    if measured is not None:
+        row.append(f"[bold]{seconds(total if total is not None else sum(measured.values()))}[/bold]")
+    table.add_row(*row, f"[bold]{seconds(predicted.get('total'))}[/bold]")
+    return table
+
+
+def progress(report: dict, predicted: dict[str, float], elapsed: float, phase_elapsed: float) -> RenderableType:
+    """The live view while a switch runs: finished phases with their times, a spinner on the current one."""
+    title = f"switch {report['id']} from {report.get('source', '?')} to {target_of(report)}"
+    return Group(title, phases_table(report.get("predicted") or predicted, report.get("phases") or {}, elapsed,
+                                     current=report.get("phase"), elapsed=phase_elapsed))
+
+
+def print_report(report: dict, console: Console) -> None:
+    state = report.get("state", "?")
+    console.print(f"switch {report.get('id')} {_styled(state)} in {seconds(report.get('total_seconds'))}: "
+                  f"from {report.get('source', '?')} to [bold]{target_of(report)}[/bold]")
+    console.print(phases_table(report.get("predicted") or {}, report.get("phases") or {},
+                               report.get("total_seconds"), report.get("transform_detail")))
+    console.print(f"  KV blocks migrated {report.get('kv_blocks_migrated', 0)}    requests live "
+                  f"{report.get('requests_live', 0)}    preempted {report.get('requests_preempted', 0)}")
+    if report.get("serving_pause_s") is not None:
+        console.print(f"  serving paused {seconds(report['serving_pause_s'])}")
+    if report.get("bytes_by_source"):
+        console.print(bytes_table(report["bytes_by_source"]))
+    if report.get("error"):
+        console.print(f"  [red]error: {escape(str(report['error']))}[/red]")
+
+
+def switches_table(reports: list[dict]) -> Table:
+    """One row per switch; times in ms, without units, so that a dozen columns fit a terminal."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold",
+                  caption="times in ms", caption_justify="left")
+    for name in ("id", "switch", "state", "total", *PHASES, "KV blocks", "preempted", "placement"):
+        table.add_column(name, justify="left" if name in ("id", "switch", "state", "placement") else "right")
+    for r in reports:
+        phases = r.get("phases") or {}
+        total = r.get("total_seconds") if r.get("state") != "running" else None
+        source, target = (str(r.get(k, "?")).split(" on ")[0] for k in ("source", "target"))
+        table.add_row(str(r.get("id")), f"{source} → {target}", _styled(str(r.get("state"))), _ms(total),
+                      *[_ms(phases.get(p)) for p in PHASES], str(r.get("kv_blocks_migrated", 0)),
+                      str(r.get("requests_preempted", 0)), target_of(r).partition(" on ")[2] or "-")
+    return table
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
 
 
 def _styled(state: str) -> str:
