@@ -15,9 +15,10 @@ for step in "$@"; do
     case "$step" in
     tests)
         timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    matrix)
-        timeout 500 python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 --no-restart \
-            --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | tail -40 ;;
+    matrix)  # switches beside restarts of the same model into each target
+        timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+            --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" \
+            --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     restart)
         timeout 550 python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 --restart-only \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;

@@ -73,6 +73,8 @@ async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, 
     report["serving_pause_s"] = serving_pause(streams, start, end)
     report["wall_s"] = end - start
     report["failed_requests"] = sum(1 for s in streams if s.error or s.finish_reason != "length")
+    report["errors"] = sorted({s.error for s in streams if s.error})[:3]
+    report["chunks_per_stream"] = [len(s.token_times) for s in streams]
     return report
 
 
@@ -105,6 +107,7 @@ async def run_matrix(model: Path, shape: str, devices: str, topologies: list[str
                 for dst in topologies:
                     if src != dst:
                         results["cells"].append(await run_cell(ctl, port, shape, src, dst, args))
+                        Path(args.out).write_text(json.dumps(results, indent=1))  # a cut-short run keeps its cells
         finally:
             daemon.terminate()
             daemon.wait(120)
@@ -124,8 +127,10 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
     cell = {"source": src, "target": dst, "plan": response.json(), "runs": runs, "state": runs[-1]["state"],
             "median_total_s": statistics.median(totals) if totals else None,
             "median_pause_s": statistics.median(r["serving_pause_s"] for r in runs)}
-    print(f"{src:>7} → {dst:<7} {cell['state']:<10} total {cell['median_total_s']} pause {cell['median_pause_s']}",
-          flush=True)
+    last = runs[-1]
+    print(f"{src:>7} → {dst:<7} {cell['state']:<10} total {cell['median_total_s']} pause {cell['median_pause_s']} "
+          f"phases {({k: round(v, 3) for k, v in last.get('phases', {}).items()})} failed {last['failed_requests']} "
+          f"chunks {min(last['chunks_per_stream'])} {last['errors']} {last.get('error')}", flush=True)
     return cell
 
 
@@ -150,6 +155,7 @@ async def main() -> None:
     out = Path(args.out)
     log_path = out.with_suffix(".log")
     results: dict = {"shape": args.shape, "devices": args.devices, "restarts": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not args.restart_only:
         results |= await run_matrix(model, args.shape, args.devices, topologies, args, log_path)
     if not args.no_restart:
@@ -160,6 +166,7 @@ async def main() -> None:
                 seconds = None
                 print(f"restart {topology}: {exc}", flush=True)
             results["restarts"][topology] = seconds
+            out.write_text(json.dumps(results, indent=1))
             print(f"restart {topology}: {seconds}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

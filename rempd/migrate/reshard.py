@@ -4,6 +4,7 @@ Every worker walks the same plan in the same order, so the point-to-point messag
 match without tags. Peer transfers are posted together and overlap the host-store loads and local copies."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,31 +43,40 @@ def pack_kv(plan: SwitchPlan, me: int, old_shard: Shard | None, old_heads: range
 def post_exchange(plan: SwitchPlan, me: int, old_weights: dict[str, torch.Tensor], old_rows: dict[str, tuple],
                   packed_kv: dict[int, torch.Tensor], kv_piece_shape: Callable[[int], tuple],
                   row_shape: Callable[[str], tuple], dtype: torch.dtype, device: torch.device,
-                  times: ReshardTimes, group: dist.ProcessGroup) -> tuple[list, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Post every peer send and receive of weights and KV at once; returns (requests, weight bufs, kv bufs)."""
-    ops, weight_bufs, kv_bufs = [], {}, {}
+                  times: ReshardTimes, group: dist.ProcessGroup) -> tuple[list, dict[int, torch.Tensor],
+                                                                          dict[int, torch.Tensor]]:
+    """Post one send and one receive per peer pair, each carrying every weight and KV piece of that pair in plan
+    order, flattened into one buffer. Returns (requests, weight buffers, KV buffers) by piece index; the
+    buffers are views of the receive buffers, valid once the requests are done."""
+    outgoing: dict[int, list[torch.Tensor]] = {}
+    incoming: dict[int, list[tuple[str, int, tuple]]] = {}  # src → [(kind, piece index, shape)]
     for i, piece in enumerate(plan.weights):
         if piece.source != "peer":
             continue
         if piece.src == me:
             start = old_rows[piece.name][0]
-            rows = old_weights[piece.name][piece.start - start:piece.stop - start].contiguous()
-            ops.append(dist.P2POp(dist.isend, rows, piece.dst, group))
-            times.bytes_sent += piece.nbytes
+            outgoing.setdefault(piece.dst, []).append(old_weights[piece.name][piece.start - start:piece.stop - start])
         elif piece.dst == me:
-            weight_bufs[i] = torch.empty(piece.stop - piece.start, *row_shape(piece.name), dtype=dtype, device=device)
-            ops.append(dist.P2POp(dist.irecv, weight_bufs[i], piece.src, group))
-            times.bytes_received += piece.nbytes
+            incoming.setdefault(piece.src, []).append(("w", i, (piece.stop - piece.start, *row_shape(piece.name))))
     for i, piece in enumerate(plan.kv):
         if piece.source != "peer":
             continue
         if piece.src == me:
-            ops.append(dist.P2POp(dist.isend, packed_kv[i], piece.dst, group))
-            times.bytes_sent += packed_kv[i].numel() * packed_kv[i].element_size()
+            outgoing.setdefault(piece.dst, []).append(packed_kv[i])
         elif piece.dst == me:
-            kv_bufs[i] = torch.empty(kv_piece_shape(i), dtype=dtype, device=device)
-            ops.append(dist.P2POp(dist.irecv, kv_bufs[i], piece.src, group))
-            times.bytes_received += kv_bufs[i].numel() * kv_bufs[i].element_size()
+            incoming.setdefault(piece.src, []).append(("kv", i, kv_piece_shape(i)))
+    ops, weight_bufs, kv_bufs = [], {}, {}
+    for dst in sorted(outgoing):
+        flat = torch.cat([t.reshape(-1) for t in outgoing[dst]])
+        ops.append(dist.P2POp(dist.isend, flat, dst, group))
+        times.bytes_sent += flat.numel() * flat.element_size()
+    for src in sorted(incoming):
+        sizes = [math.prod(shape) for _, _, shape in incoming[src]]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        ops.append(dist.P2POp(dist.irecv, flat, src, group))
+        times.bytes_received += flat.numel() * flat.element_size()
+        for (kind, i, shape), part in zip(incoming[src], flat.split(sizes)):
+            (weight_bufs if kind == "w" else kv_bufs)[i] = part.view(shape)
     return (dist.batch_isend_irecv(ops) if ops else []), weight_bufs, kv_bufs
 
 

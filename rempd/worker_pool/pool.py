@@ -78,7 +78,7 @@ class WorkerPool:
                     conn = listener.accept()
                     conn.send(replace(self.template, index=index, device=device))
                     self.conns.append(conn)
-        self.infos = [self._reply(i, start_timeout) for i in range(len(devices))]
+        self.infos = self.collect(list(range(len(devices))), start_timeout)
 
     @property
     def size(self) -> int:
@@ -99,18 +99,9 @@ class WorkerPool:
                 raise WorkerError(i, f"not reachable ({exc})") from exc
         return targets
 
-    def _reply(self, index: int, timeout: float | None) -> Any:
-        """The next reply of one worker. A death of any worker ends the wait: its peers may be blocked in a
-        collective with it and would never answer."""
-        conn, proc = self.conns[index], self.procs[index]
-        ready = wait([conn, *(p.sentinel for p in self.procs)], timeout)
-        if not ready:
-            raise WorkerError(index, f"no reply within {timeout} s")
-        if conn not in ready:
-            dead = next(i for i, p in enumerate(self.procs) if p.sentinel in ready)
-            raise WorkerError(dead, f"died (exit code {self.procs[dead].exitcode})")
+    def _read(self, index: int) -> Any:
         try:
-            status, value = conn.recv()
+            status, value = self.conns[index].recv()
         except (EOFError, ConnectionResetError) as exc:
             raise WorkerError(index, "died while replying") from exc
         if status == "error":
@@ -118,9 +109,21 @@ class WorkerPool:
         return value
 
     def collect(self, workers: list[int], timeout: float | None = None) -> list[Any]:
-        """One reply from each worker, in order. The first failure is raised after draining the rest is not
-        possible (a dead peer blocks collectives), so callers treat any WorkerError as fatal for the step."""
-        return [self._reply(i, timeout) for i in workers]
+        """One reply from each worker. Replies are read as they come, so a failure is raised at once, even while
+        other workers are blocked waiting for the failed one; a death of any worker ends the wait too."""
+        replies: dict[int, Any] = {}
+        pending = {self.conns[i]: i for i in workers}
+        while pending:
+            ready = wait([*pending, *(p.sentinel for p in self.procs)], timeout)
+            if not ready:
+                raise WorkerError(next(iter(pending.values())), f"no reply within {timeout} s")
+            for conn in [c for c in ready if c in pending]:
+                index = pending.pop(conn)
+                replies[index] = self._read(index)
+            dead = [i for i, p in enumerate(self.procs) if p.sentinel in ready]
+            if dead and pending:
+                raise WorkerError(dead[0], f"died (exit code {self.procs[dead[0]].exitcode})")
+        return [replies[i] for i in workers]
 
     def call(self, method: str, *args: Any, workers: list[int] | None = None,
              timeout: float | None = None) -> list[Any]:

@@ -59,7 +59,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{setup.master_port}",
-                                rank=setup.index, world_size=setup.world_size, timeout=timedelta(minutes=5))
+                                rank=setup.index, world_size=setup.world_size, timeout=timedelta(seconds=120))
         self.world = dist.group.WORLD
         self.store = WeightStore.attach(setup.store_name)
         self.geometry = ModelGeometry(setup.model, setup.dtype)
@@ -159,8 +159,23 @@ class Worker:
         return budget // shape.bytes_per_block
 
     def prepare_groups(self, placement: Placement) -> int:
-        """Build the groups of `placement` that are not cached; every worker calls this together."""
-        return self.groups.build(placement)
+        """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
+        communicator on its first use, which belongs to this phase, not to the first step after the switch.
+        Every worker calls this together."""
+        built = self.groups.build(placement)
+        coords = placement.coords(self.setup.index)
+        if coords is not None:
+            pp_rank, tp_rank = coords
+            token = torch.zeros(1, device=self.device)
+            group = self.groups.get(placement.tp_group(pp_rank))
+            if group is not None:
+                dist.all_reduce(token, group=group)
+            if pp_rank > 0:
+                dist.recv(token, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
+            if pp_rank < placement.topology.pp - 1:
+                dist.send(token, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world)
+            self._sync()
+        return built
 
     def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
                max_len: int) -> dict:
