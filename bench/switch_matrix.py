@@ -63,8 +63,9 @@ async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, 
         tasks = [asyncio.create_task(stream_completion(http, base, model, s.prompt, max_tokens, stream=s))
                  for s in live]
         begin = time.perf_counter()
-        while time.perf_counter() - begin < 300 and not all(
-                len(s.token_times) >= warm_tokens or t.done() for s, t in zip(live, tasks)):
+        # switch as soon as every stream is under way; one that finished first would make the cut idle
+        while time.perf_counter() - begin < 300 and not (
+                all(len(s.token_times) >= warm_tokens for s in live) or any(t.done() for t in tasks)):
             await asyncio.sleep(0.005)
         start = time.perf_counter()
         report = await asyncio.to_thread(switch, ctl, target)
@@ -121,7 +122,7 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
     response = ctl.post("/v1/plan", json=dict(zip(("tp", "pp"), parse(dst))))
     if response.status_code != 200:
         return {"source": src, "target": dst, "state": "refused", "error": response.json()["error"]["message"]}
-    runs = [await measure_switch(f"http://127.0.0.1:{port}", shape, ctl, dst, args.clients, args.max_tokens, 8)
+    runs = [await measure_switch(f"http://127.0.0.1:{port}", shape, ctl, dst, args.clients, args.max_tokens, 4)
             for _ in range(args.repeats)]
     totals = [r["total_seconds"] for r in runs if r["state"] == "committed"]
     cell = {"source": src, "target": dst, "plan": response.json(), "runs": runs, "state": runs[-1]["state"],
@@ -141,7 +142,7 @@ async def main() -> None:
     ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
     ap.add_argument("--checkpoints", default="/tmp/remp-checkpoints")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--restart-only", action="store_true")

@@ -111,6 +111,12 @@ class Daemon:
         return self.exit_code
 
     async def start_engine(self) -> Any | None:
+        # A daemon killed with -9 (or OOM-killed) leaves its weight store in /dev/shm, holding RAM until
+        # reboot; its workers died with it (PDEATHSIG), so any segment whose owner is dead is garbage.
+        from rempd.shm_store.store import reclaim_stale_segments
+
+        for name in reclaim_stale_segments():
+            log.info("removed the stale weight store /dev/shm/%s of a dead rempd", name)
         with StartupProgress(self.life) as on_progress:
             try:
                 engine = await self.engine_factory(self.config.engine_config(), on_progress)

@@ -177,7 +177,7 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     for request in requests:
         request.wait()
     start = timed(times, "exchange_wait", start)
-    del old_weights
+    old_weights.clear()  # drop the views, so the old tensors can go
     worker.stage = None  # the old shard's tensors go once every peer has read them
     kv = kv_shape = None
     if new_shard is not None:
