@@ -14,6 +14,7 @@ from rempctl.client import DEFAULT_SOCKET, ControlClient, ControlError, DaemonUn
 app = typer.Typer(name="rempctl", help="Control a running rempd through its Unix socket.", no_args_is_help=True,
                   add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
 
+PAUSE_WAIT_SECONDS = 2.0  # at most this long for the first token after a switch, to show the pause
 POLL_SECONDS = 0.05  # how often a watched switch's report is fetched
 
 SocketOption = Annotated[str, typer.Option("--socket", envvar="REMP_SOCKET", help="rempd's control socket")]
@@ -127,6 +128,11 @@ def _poll(client: ControlClient, report: dict, on_update: Callable[[dict], None]
         report = client.switch_report(report["id"])
         if on_update is not None:
             on_update(report)
+    # the serving pause ends with the first token after the switch: give live requests a moment to get it
+    deadline = time.monotonic() + PAUSE_WAIT_SECONDS
+    while report.get("requests_live") and report.get("serving_pause_s") is None and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        report = client.switch_report(report["id"])
     return report
 
 

@@ -178,3 +178,14 @@ def test_integer_tensor_is_refused(copy) -> None:
              lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int8)))
     with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight has unsupported dtype I8"):
         Checkpoint(ck_dir).validate()
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"mlp_bias": True}, "mlp_bias is not supported"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 64}, "sliding-window attention"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be positive"),
+])
+def test_unsupported_config_variants_are_refused(change, reason):
+    raw = shape_config("tiny-llama") | change
+    with pytest.raises(CheckpointError, match=reason):
+        ModelConfig.from_dict(raw)

@@ -54,11 +54,11 @@ async def stream_through_switches(daemon, targets: list[dict]) -> tuple[list[str
     tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
     while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
         await asyncio.sleep(0.005)
-    reports = []
     with daemon.control() as ctl:
-        for target in targets:
-            reports.append(await asyncio.to_thread(switch, ctl, **target))
-    return list(await asyncio.gather(*tasks)), reports
+        ids = [(await asyncio.to_thread(switch, ctl, **target))["id"] for target in targets]
+        texts = list(await asyncio.gather(*tasks))
+        # read the reports again once the streams are done: the serving pause closes at the first token after
+        return texts, [ctl.get(f"/v1/switches/{switch_id}").json() for switch_id in ids]
 
 
 def preempted(daemon) -> int:
@@ -80,6 +80,7 @@ def test_every_ordered_pair_keeps_streams_token_identical(daemon, reference, sou
         assert texts == reference, (source, target)
         assert reports[0]["requests_live"] == len(PROMPTS) and reports[0]["kv_blocks_migrated"] > 0
         assert reports[0]["requests_preempted"] == 0
+        assert reports[0]["serving_pause_s"] >= reports[0]["phases"]["transform"]
         assert preempted(daemon) == before  # no KV was recomputed
 
 

@@ -159,6 +159,11 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if not engine.has_unfinished():
+                # idle: nothing would touch a dead worker, so look for one (at most every 0.1 s)
+                dead = [i for i, alive in enumerate(engine.pool.alive()) if not alive]
+                if dead:
+                    log.error("worker %s died while idle", dead)
+                    self._recover()
                 continue
             try:
                 self._emit(engine.step())

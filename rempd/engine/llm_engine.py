@@ -67,6 +67,8 @@ class LLMEngine:
         self.num_recoveries = 0
         self.links = self.measure_links()
         self.switches: list[SwitchReport] = []
+        self.last_output_at = time.perf_counter()
+        self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
 
@@ -133,7 +135,14 @@ class LLMEngine:
                 break
             self.pool.send("execute", self.scheduler.step_input(batch), workers=self.active)
             self.in_flight.append(batch)
-        return self.finish_oldest() if self.in_flight else []
+        outputs = self.finish_oldest() if self.in_flight else []
+        if outputs:
+            now = time.perf_counter()
+            if self.pause_report is not None:  # the first tokens after a switch end its serving pause
+                self.pause_report.serving_pause_s = now - self.last_output_at
+                self.pause_report = None
+            self.last_output_at = now
+        return outputs
 
     def finish_oldest(self) -> list[RequestOutput]:
         batch = self.in_flight.popleft()
@@ -212,6 +221,10 @@ class LLMEngine:
         if report not in self.switches:
             self.switches.append(report)
         transaction.run()
+        if transaction.outputs:
+            self.last_output_at = time.perf_counter()
+        if report.requests_live:
+            self.pause_report = report
         return transaction.outputs
 
     def recover(self) -> None:

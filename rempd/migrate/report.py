@@ -22,6 +22,8 @@ class SwitchReport:
     kv_blocks_migrated: int = 0
     requests_preempted: int = 0
     requests_live: int = 0
+    # seconds from the last token any request got before the switch to the first one after it (server side)
+    serving_pause_s: float | None = None
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     total_seconds: float = 0.0

@@ -50,6 +50,14 @@ class ModelConfig:
             rope = dict(raw.get("rope_parameters") or {})
             rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
             rope_scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            if raw.get("mlp_bias"):
+                raise CheckpointError(f"{source}: mlp_bias is not supported")
+            window = raw.get("sliding_window")
+            uses_window = raw.get("use_sliding_window", arch == "MistralForCausalLM")
+            if window and uses_window and int(window) < int(raw.get("max_position_embeddings", 4096)):
+                raise CheckpointError(f"{source}: sliding-window attention ({window} tokens) is not supported")
+            if int(raw.get("num_attention_heads") or 0) <= 0:
+                raise CheckpointError(f"{source}: num_attention_heads must be positive")
             if dtype not in DTYPES:
                 raise CheckpointError(f"{source}: unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
             cfg = cls(
@@ -65,7 +73,8 @@ class ModelConfig:
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
-                attention_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                # Qwen2 always has q/k/v biases, whatever its config says
+                attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 dtype=dtype,
                 bos_token_id=raw.get("bos_token_id"),
