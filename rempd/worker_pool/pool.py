@@ -4,6 +4,7 @@ Workers are fresh interpreters (`python -m rempd.worker_pool`), not multiprocess
 caller's main module is never re-imported and needs no `if __name__ == "__main__"` guard."""
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rempd.worker_pool.worker import WorkerSetup
+
+log = logging.getLogger("rempd.workers")
 
 
 class WorkerError(RuntimeError):
@@ -105,7 +108,9 @@ class WorkerPool:
         except (EOFError, ConnectionResetError) as exc:
             raise WorkerError(index, "died while replying") from exc
         if status == "error":
-            raise WorkerError(index, value)
+            # the exception's own line says what went wrong; the full traceback goes to the log
+            log.error("worker %d failed:\n%s", index, value)
+            raise WorkerError(index, value.strip().splitlines()[-1])
         return value
 
     def collect(self, workers: list[int], timeout: float | None = None) -> list[Any]:
