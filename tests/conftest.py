@@ -86,3 +86,12 @@ def start_daemon(tmp_path):
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def faulty_daemon(checkpoints, tmp_path_factory):
+    """One tiny-llama daemon per test module, with fault injection on (tests slow, break or collide switches)."""
+    running = RunningDaemon(checkpoints["tiny-llama"], tmp_path_factory.mktemp("daemon"),
+                            env={"REMP_ENABLE_FAULT_INJECTION": "1"})
+    yield running
+    running.stop()

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-from conftest import RunningDaemon
 from typer.testing import CliRunner
 
 from rempctl import main as rempctl_main
@@ -17,12 +16,8 @@ WIDE = {"COLUMNS": "200"}  # rich wraps tables at 80 columns when stdout is not 
 
 
 @pytest.fixture(scope="module")
-def daemon(checkpoints, tmp_path_factory):
-    # fault injection lets a test slow a switch down, to watch it or to collide with it
-    running = RunningDaemon(checkpoints["tiny-llama"], tmp_path_factory.mktemp("rempctl"),
-                            env={"REMP_ENABLE_FAULT_INJECTION": "1"})
-    yield running
-    running.stop()
+def daemon(faulty_daemon):
+    return faulty_daemon
 
 
 def rempctl(daemon, *args: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from conftest import RunningDaemon
 
 TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
 PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i % 3 + 1) for i in range(8)]
@@ -15,11 +14,8 @@ MAX_TOKENS = 80
 
 
 @pytest.fixture(scope="module")
-def daemon(checkpoints, tmp_path_factory):
-    running = RunningDaemon(checkpoints["tiny-llama"], tmp_path_factory.mktemp("switch"),
-                            env={"REMP_ENABLE_FAULT_INJECTION": "1"})
-    yield running
-    running.stop()
+def daemon(faulty_daemon):
+    return faulty_daemon
 
 
 @pytest.fixture(scope="module")
