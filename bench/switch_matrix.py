@@ -55,22 +55,25 @@ def switch(ctl: httpx.Client, topology: str) -> dict:
 
 
 async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, clients: int,
-                         max_tokens: int, warm_tokens: int) -> dict:
-    """Start `clients` streams, switch once every stream has `warm_tokens` tokens, and let them finish."""
+                         max_tokens: int, warm_s: float) -> dict:
+    """Start `clients` streams, switch once every stream has produced and `warm_s` has passed, let them finish."""
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as http:
         prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog. " * (1 + i % 4) for i in range(clients)]
         live = [Stream(p) for p in prompts]
         tasks = [asyncio.create_task(stream_completion(http, base, model, s.prompt, max_tokens, stream=s))
                  for s in live]
         begin = time.perf_counter()
-        # switch as soon as every stream is under way; one that finished first would make the cut idle
+        # switch once every stream is under way (a stream's first chunk may carry several tokens: the
+        # detokenizer holds back incomplete UTF-8), while max_tokens keeps them all going through the switch
         while time.perf_counter() - begin < 300 and not (
-                all(len(s.token_times) >= warm_tokens for s in live) or any(t.done() for t in tasks)):
+                (all(s.token_times for s in live) and time.perf_counter() - begin >= warm_s)
+                or any(t.done() for t in tasks)):
             await asyncio.sleep(0.005)
         start = time.perf_counter()
         report = await asyncio.to_thread(switch, ctl, target)
         end = time.perf_counter()
         streams = await asyncio.gather(*tasks)
+    report["server_pause_s"] = report.get("serving_pause_s")  # the daemon's own gap between tokens
     report["serving_pause_s"] = serving_pause(streams, start, end)
     report["wall_s"] = end - start
     report["failed_requests"] = sum(1 for s in streams if s.error or s.finish_reason != "length")
@@ -122,16 +125,24 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
     response = ctl.post("/v1/plan", json=dict(zip(("tp", "pp"), parse(dst))))
     if response.status_code != 200:
         return {"source": src, "target": dst, "state": "refused", "error": response.json()["error"]["message"]}
-    runs = [await measure_switch(f"http://127.0.0.1:{port}", shape, ctl, dst, args.clients, args.max_tokens, 4)
-            for _ in range(args.repeats)]
+    runs = []
+    for _ in range(args.repeats):
+        if runs:  # back to the source for the next repeat
+            await asyncio.to_thread(switch, ctl, src)
+        runs.append(await measure_switch(f"http://127.0.0.1:{port}", shape, ctl, dst, args.clients,
+                                         args.max_tokens, args.warm_s))
     totals = [r["total_seconds"] for r in runs if r["state"] == "committed"]
     cell = {"source": src, "target": dst, "plan": response.json(), "runs": runs, "state": runs[-1]["state"],
             "median_total_s": statistics.median(totals) if totals else None,
-            "median_pause_s": statistics.median(r["serving_pause_s"] for r in runs)}
+            "median_pause_s": statistics.median(r["serving_pause_s"] for r in runs),
+            "median_predicted_s": statistics.median(r["predicted"].get("total", 0.0) for r in runs),
+            "live_at_cut": min(r.get("requests_live", 0) for r in runs)}
     last = runs[-1]
-    print(f"{src:>7} → {dst:<7} {cell['state']:<10} total {cell['median_total_s']} pause {cell['median_pause_s']} "
-          f"phases {({k: round(v, 3) for k, v in last.get('phases', {}).items()})} failed {last['failed_requests']} "
-          f"chunks {min(last['chunks_per_stream'])} {last['errors']} {last.get('error')}", flush=True)
+    print(f"{src:>7} → {dst:<7} {cell['state']:<10} total {cell['median_total_s']} predicted "
+          f"{cell['median_predicted_s']:.3f} pause {cell['median_pause_s']} live {cell['live_at_cut']} "
+          f"phases {({k: round(v, 3) for k, v in last.get('phases', {}).items()})} "
+          f"detail {({k: round(v, 3) for k, v in last.get('transform_detail', {}).items()})} "
+          f"failed {last['failed_requests']} {last['errors']} {last.get('error')}", flush=True)
     return cell
 
 
@@ -144,6 +155,7 @@ async def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--warm-s", type=float, default=1.0, help="seconds of streaming before each switch")
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--restart-only", action="store_true")
     ap.add_argument("--out", required=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import itertools
 from itertools import permutations
 
 
@@ -114,3 +115,14 @@ def valid_topologies(num_devices: int, num_heads: int, num_kv_heads: int, num_la
 
 def all_placements(topology: Topology, num_devices: int) -> list[Placement]:
     return [Placement(topology, p) for p in permutations(range(num_devices), topology.size)]
+
+
+def group_member_sets(topologies: list[Topology], num_devices: int, limit: int = 32) -> list[tuple[int, ...]]:
+    """Device sets that a tensor-parallel group of these topologies may span, to build before any switch needs
+    them: every subset of each group size while there are at most `limit` in all (4 devices: 7), else only the
+    aligned blocks (devices 0-1, 2-3, …) that default placements use; others are built when a plan picks them."""
+    sizes = sorted({t.tp for t in topologies if t.tp > 1})
+    every = [c for size in sizes for c in itertools.combinations(range(num_devices), size)]
+    if len(every) <= limit:
+        return every
+    return [tuple(range(start, start + size)) for size in sizes for start in range(0, num_devices - size + 1, size)]

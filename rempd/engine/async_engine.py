@@ -14,9 +14,10 @@ from rempd.engine.config import EngineConfig
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.sampling_params import SamplingParams
-from rempd.migrate.predict import plan_summary
+from rempd.migrate.predict import plan_summary, pool_bytes
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.transaction import Fault, check_capacity, make_plan
+from rempd.migrate.shards import ModelGeometry
+from rempd.migrate.transaction import Fault, check_capacity, make_plan, new_groups
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 
@@ -124,9 +125,12 @@ class AsyncEngine:
     async def plan(self, target: Topology | Placement) -> dict:
         """A dry run: the placement, the bytes per source and the predicted phase times, or SwitchRefused."""
         def run() -> dict:
-            plan = make_plan(self.engine, target)
-            check_capacity(self.engine, plan)
-            return plan_summary(plan, self.engine.links)
+            engine = self.engine
+            plan = make_plan(engine, target)
+            num_blocks = check_capacity(engine, plan)
+            geo = ModelGeometry(engine.model_config, engine.template.dtype)
+            return plan_summary(plan, engine.links, new_groups(engine, plan),
+                                pool_bytes(geo, plan, num_blocks, engine.config.block_size))
         return await self.on_engine_thread(run)
 
     def running_switch(self) -> SwitchReport | None:

@@ -1,6 +1,7 @@
 """The engine loop: schedule → workers execute → postprocess, with pp micro-batches in flight."""
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import deque
@@ -23,11 +24,12 @@ from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
-from rempd.topology import Placement, Topology, check_topology
+from rempd.topology import Placement, Topology, check_topology, group_member_sets, valid_topologies
 from rempd.worker_pool.pool import WorkerPool
 from rempd.worker_pool.worker import WorkerSetup
 
 Progress = Callable[[str, float], None]
+log = logging.getLogger("rempd.engine")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class LLMEngine:
                                    gpu_memory_utilization=config.gpu_memory_utilization)
             progress("starting workers", 0.0)
             self.pool = WorkerPool(self.template, self.devices)
+            progress("opening links", 0.0)
+            self.warm_links()
             progress("building topology", 0.0)
             self.install(Placement.default(topology))
         except BaseException:
@@ -71,6 +75,7 @@ class LLMEngine:
         self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
+        self.calibrate()
 
     def install(self, placement: Placement) -> None:
         """Load every active worker's shard from the store and size one KV pool that all of them can hold.
@@ -94,6 +99,16 @@ class LLMEngine:
                                        self.max_model_len, cfg.eos_token_ids)
         else:
             self.scheduler.blocks = blocks
+
+    def warm_links(self) -> None:
+        """Build the groups every valid topology may use and connect every pair of workers, before any KV pool
+        takes the memory those connections need."""
+        cfg = self.model_config
+        topologies = valid_topologies(len(self.devices), cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)
+        member_sets = group_member_sets(topologies, len(self.devices))
+        self.warm_seconds = max(self.pool.call("warm_links", member_sets))
+        self.built_groups = set(member_sets)
+        log.info("groups built and peer links opened in %.3f s", self.warm_seconds)
 
     @property
     def active(self) -> list[int]:
@@ -212,7 +227,20 @@ class LLMEngine:
 
         built = [(i["group_seconds"], i["groups_built"]) for i in self.shard_infos if i["groups_built"]]
         group = max((sec / n for sec, n in built), default=0.0)
-        return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc)
+        allocs = sorted(i["kv_bytes"] / i["kv_alloc_seconds"] / 1e9 for i in self.shard_infos if i["kv_alloc_seconds"])
+        alloc = allocs[len(allocs) // 2] if allocs else 0.0
+        return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc)
+
+    def calibrate(self) -> None:
+        """Switch onto the placement in use, with nothing live: its time beyond what bytes and links explain is
+        the fixed cost plan adds to every prediction. Nothing changes for a client; it is not in the history."""
+        report = SwitchReport(id="calibration", source=str(self.placement), target=str(self.placement.topology))
+        SwitchTransaction(self, self.placement, report, self.links).run()
+        if report.state != "committed":
+            raise RuntimeError(f"the start-up calibration switch failed: {report.error}")
+        self.links.fixed_seconds = max(0.0, report.total_seconds - report.predicted["total"])
+        log.info("calibration switch: %.3f s, %.3f s of it fixed cost", report.total_seconds,
+                 self.links.fixed_seconds)
 
     def switch(self, target: Topology | Placement, report: SwitchReport, fault: Fault | None = None,
                on_phase: Callable[[SwitchReport], None] | None = None) -> list[RequestOutput]:
@@ -221,6 +249,8 @@ class LLMEngine:
         if report not in self.switches:
             self.switches.append(report)
         transaction.run()
+        if report.state == "committed":
+            self.links.learn(report.total_seconds - report.predicted["total"])
         if transaction.outputs:
             self.last_output_at = time.perf_counter()
         if report.requests_live:
@@ -235,6 +265,7 @@ class LLMEngine:
         self.in_flight.clear()
         self.preempt_all()
         self.pool = WorkerPool(self.template, self.devices)
+        self.warm_links()
         self.install(self.placement)
         self.num_recoveries += 1
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rempd.migrate.plan import SwitchPlan
+from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.topology import kv_heads_per_rank
 
 
 @dataclass
@@ -13,6 +15,14 @@ class LinkSpeeds:
     local_gbps: float  # copy within one device, GB/s
     group_seconds: float = 0.0  # building one new communication group
     rpc_seconds: float = 0.0  # one driver → all workers round trip
+    alloc_gbps: float = 0.0  # allocating and zeroing a KV pool, GB/s (0: not priced)
+    # what a switch costs beyond moving bytes (Python, freeing memory, building the stage), measured by a
+    # switch onto the same placement at start-up and refined by every committed switch
+    fixed_seconds: float = 0.0
+
+    def learn(self, residual_seconds: float) -> None:
+        """Fold in (measured − predicted) of a committed switch; halves the weight of older ones."""
+        self.fixed_seconds = max(0.0, self.fixed_seconds + 0.5 * residual_seconds)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -30,18 +40,30 @@ def per_worker_bytes(plan: SwitchPlan) -> dict[int, dict[str, int]]:
     return totals
 
 
-def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 1) -> dict[str, float]:
+def pool_bytes(geo: ModelGeometry, plan: SwitchPlan, num_blocks: int, block_size: int) -> int:
+    """The largest KV pool one worker of the new placement allocates."""
+    cfg, largest = geo.cfg, 0
+    for worker in plan.new.workers:
+        shard = shard_of(cfg, plan.new, worker)
+        heads = kv_heads_per_rank(cfg.num_kv_heads, shard.tp)
+        largest = max(largest, num_blocks * len(shard.layers) * heads * geo.kv_bytes_per_block_head_layer(block_size))
+    return largest
+
+
+def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_bytes: int = 0) -> dict[str, float]:
     gb = 1e9
     transform = 0.0
     for moved in per_worker_bytes(plan).values():
         # host loads and peer transfers run at once; local copies follow on the same device
         overlapped = max(moved["host"] / (links.host_gbps * gb), moved["peer"] / (links.peer_gbps * gb))
         transform = max(transform, overlapped + moved["stay"] / (links.local_gbps * gb))
+    if links.alloc_gbps:
+        transform += new_pool_bytes / (links.alloc_gbps * gb)
     phases = {
         "plan": links.rpc_seconds,
         "quiesce": links.rpc_seconds,
         "groups": links.rpc_seconds + new_groups * links.group_seconds,
-        "transform": links.rpc_seconds + transform,
+        "transform": links.rpc_seconds + transform + links.fixed_seconds,
         "commit": links.rpc_seconds,
         "resume": 0.0,
     }
@@ -49,11 +71,11 @@ def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 1) -> dict[st
     return phases
 
 
-def plan_summary(plan: SwitchPlan, links: LinkSpeeds) -> dict:
+def plan_summary(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_bytes: int = 0) -> dict:
     """What `rempctl plan` shows: the placement, bytes by source, and predicted seconds per phase."""
     return {
         "source": str(plan.old), "target": str(plan.new), "placement": list(plan.new.workers),
         "tp": plan.new.topology.tp, "pp": plan.new.topology.pp,
         "bytes_by_source": plan.bytes_by_source, "kv_blocks": plan.num_live_blocks,
-        "predicted": predict(plan, links), "links": links.to_dict(),
+        "predicted": predict(plan, links, new_groups, new_pool_bytes), "links": links.to_dict(),
     }

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.shards import Shard
 
-RowSource = Callable[[str, int, int], torch.Tensor]  # (name, start, stop) → rows from the host store
+RowSource = Callable[[str, int, int], torch.Tensor]  # (name, start, stop) → rows in the host store
 
 
 @dataclass
@@ -92,7 +92,7 @@ def assemble_rows(pieces: list[tuple[int, WeightPiece]], rows: tuple[int, int], 
             start = old_rows[piece.name][0]
             target.copy_(old_weights[piece.name][piece.start - start:piece.stop - start])
         elif piece.src is None:
-            target.copy_(from_host(piece.name, piece.start, piece.stop))
+            target.copy_(from_host(piece.name, piece.start, piece.stop), non_blocking=True)
         else:
             peer.append((target, i))
     if peer:
@@ -116,10 +116,20 @@ def install_kv(plan: SwitchPlan, me: int, new_shard: Shard, new_heads: range, kv
         kv[l0:l0 + len(piece.layers), :, :num_live, :, h0:h0 + len(piece.heads)] = data
 
 
-def timed(times: ReshardTimes, name: str, start: float) -> float:
-    now = time.perf_counter()
-    times.phases[name] = times.phases.get(name, 0.0) + now - start
-    return now
+class Clock:
+    """Per-step seconds of one worker's transform; on CUDA it waits for the device at each mark, so a step's
+    time is its own and not that of work queued before it."""
+
+    def __init__(self, times: ReshardTimes, device: torch.device):
+        self.times, self.device = times, device
+        self.last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times.phases[name] = self.times.phases.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
@@ -129,33 +139,33 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     from rempd.engine.kv_cache import KVShape
     from rempd.model.layers import TensorParallel
     from rempd.model.llama import LlamaStage
+    from rempd.model.weight_source import WeightSource
     from rempd.migrate.shards import shard_of
     from rempd.topology import kv_heads_per_rank
 
     me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
     old_shard, new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
     times = ReshardTimes()
-    start = time.perf_counter()
+    clock = Clock(times, dev)
     worker._wait_sends()
     live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
     packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
+    clock.mark("kv_pack")
     worker.kv = None
     if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory
         torch.cuda.empty_cache()
-    start = timed(times, "kv_pack", start)
+    clock.mark("kv_free")
 
     old_weights = worker.stage.named_weights() if worker.stage is not None else {}
     old_rows = geo.holdings(old_shard) if old_shard else {}
-
-    def row_shape(name: str) -> tuple:
-        return tuple(worker.store.entry(name).shape[1:])
 
     def kv_piece_shape(i: int) -> tuple:
         piece = plan.kv[i]
         return (len(piece.layers), 2, len(live_blocks), block_size, len(piece.heads), cfg.head_dim)
 
     requests, weight_bufs, kv_bufs = post_exchange(plan, me, old_weights, old_rows, packed, kv_piece_shape,
-                                                   row_shape, dtype, dev, times, worker.world)
+                                                   worker.row_shape, dtype, dev, times, worker.world)
+    clock.mark("exchange_post")
     stage = None
     if new_shard is not None:
         mine: dict[str, list[tuple[int, WeightPiece]]] = {}
@@ -164,30 +174,31 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
                 mine.setdefault(piece.name, []).append((i, piece))
 
         def from_host(name: str, a: int, b: int) -> torch.Tensor:
-            return worker.store.rows(name, a, b).to(dev, dtype)
+            return worker.store.rows(name, a, b)
 
-        def fetch(name: str, rows: tuple[int, int]) -> torch.Tensor:
-            out = torch.empty(rows[1] - rows[0], *row_shape(name), dtype=dtype, device=dev)
-            return assemble_rows(mine[name], rows, me, old_weights, old_rows, weight_bufs, from_host, requests, out)
+        def fill(name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
+            assemble_rows(mine[name], rows, me, old_weights, old_rows, weight_bufs, from_host, requests, out)
 
         members = plan.new.tp_group(new_shard.pp_rank)
         tp = TensorParallel(new_shard.tp, new_shard.tp_rank, worker.groups.get(members), members)
-        stage = LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, fetch, max_len, dev)
-    start = timed(times, "weights", start)
+        source = WeightSource(fill, worker.row_shape, dtype, dev)
+        stage = LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, source, max_len, dev)
+    clock.mark("weights")
     for request in requests:
         request.wait()
-    start = timed(times, "exchange_wait", start)
+    clock.mark("exchange_wait")
     old_weights.clear()  # drop the views, so the old tensors can go
     worker.stage = None  # the old shard's tensors go once every peer has read them
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    clock.mark("weights_free")
     kv = kv_shape = None
     if new_shard is not None:
         kv_shape = KVShape(len(new_shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, new_shard.tp),
                            cfg.head_dim, dtype)
         kv = kv_shape.allocate(num_blocks, dev)
+        clock.mark("kv_alloc")
         install_kv(plan, me, new_shard, geo.kv_heads(new_shard), kv, packed, kv_bufs, len(live_blocks))
-    timed(times, "kv_install", start)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
+    clock.mark("kv_install")
     report = {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received}
     return stage, kv, kv_shape, report

@@ -13,7 +13,7 @@ from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.migrate.plan import SwitchPlan, plan_switch
-from rempd.migrate.predict import LinkSpeeds, predict
+from rempd.migrate.predict import LinkSpeeds, pool_bytes, predict
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry
 from rempd.topology import Placement, Topology, TopologyError, check_topology
@@ -49,6 +49,15 @@ def check_capacity(engine, plan: SwitchPlan) -> int:
         raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {num_blocks} KV blocks, "
                             f"{needed} needed for one {engine.max_model_len}-token sequence")
     return num_blocks
+
+
+def tp_member_sets(placement: Placement) -> set[tuple[int, ...]]:
+    return {tuple(sorted(placement.tp_group(p))) for p in range(placement.topology.pp)} - {()}
+
+
+def new_groups(engine, plan: SwitchPlan) -> int:
+    """Groups of the target that no switch or warm-up has built yet."""
+    return sum(1 for key in tp_member_sets(plan.new) if len(key) > 1 and key not in engine.built_groups)
 
 
 class SwitchTransaction:
@@ -94,12 +103,15 @@ class SwitchTransaction:
                 report.requests_preempted += 1
             plan = make_plan(engine, plan.new)  # the live KV is final now
             report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
-            report.predicted = predict(plan, self.links)
+            report.predicted = predict(plan, self.links, new_groups(engine, plan),
+                                       pool_bytes(ModelGeometry(engine.model_config, engine.template.dtype), plan,
+                                                  num_blocks, engine.config.block_size))
             report.requests_live = len(live)
             self._leave("quiesce", start)
 
             start = self._enter("groups")
             engine.pool.call("prepare_groups", plan.new)
+            engine.built_groups |= tp_member_sets(plan.new)
             self._leave("groups", start)
 
             start = self._enter("transform")

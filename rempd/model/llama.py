@@ -1,8 +1,6 @@
 """One pipeline stage of a Llama-family model (Llama 2/3, Mistral, Qwen2) on one tensor-parallel rank."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,29 +10,28 @@ from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel, rms_norm, row_parallel, vocab_parallel_embedding
 from rempd.model.rotary import Rotary
 from rempd.model.sharding import even_range, shard_rows
-
-# (name, rows) -> that row range of the stored tensor, already on the stage's device and dtype
-FetchRows = Callable[[str, tuple[int, int]], torch.Tensor]
+from rempd.model.weight_source import WeightSource
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel, fetch: FetchRows):
+    def __init__(self, cfg: ModelConfig, index: int, tp: TensorParallel, source: WeightSource):
         super().__init__()
         self.cfg, self.tp = cfg, tp
         p = f"model.layers.{index}."
 
-        def rows(name: str) -> torch.Tensor:
-            return fetch(p + name, shard_rows(p + name, cfg, tp.size, tp.rank))
+        def rows(*names: str) -> torch.Tensor:
+            return source.take(*[(p + n, shard_rows(p + n, cfg, tp.size, tp.rank)) for n in names])
 
         self.input_norm = rows("input_layernorm.weight")
         self.post_norm = rows("post_attention_layernorm.weight")
-        qkv = [rows(f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-        self.q_local, self.kv_local = qkv[0].shape[0], qkv[1].shape[0]
-        self.qkv = torch.cat(qkv)
-        self.qkv_bias = (torch.cat([rows(f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
+        q_rows = shard_rows(p + "self_attn.q_proj.weight", cfg, tp.size, tp.rank)
+        kv_rows = shard_rows(p + "self_attn.k_proj.weight", cfg, tp.size, tp.rank)
+        self.q_local, self.kv_local = q_rows[1] - q_rows[0], kv_rows[1] - kv_rows[0]
+        self.qkv = rows("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+        self.qkv_bias = (rows("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
                          if cfg.attention_bias else None)
         self.o_t = rows("self_attn.o_proj.weight")
-        self.gate_up = torch.cat([rows("mlp.gate_proj.weight"), rows("mlp.up_proj.weight")])
+        self.gate_up = rows("mlp.gate_proj.weight", "mlp.up_proj.weight")
         self.down_t = rows("mlp.down_proj.weight")
         self.scale = cfg.head_dim ** -0.5
         # each checkpoint tensor's rows as views into the fused tensors: what a switch reads from
@@ -68,20 +65,20 @@ class LlamaStage(nn.Module):
     """Layers `layers` of the model; the first stage embeds, the last one normalises and projects to logits."""
 
     def __init__(self, cfg: ModelConfig, layers: range, is_first: bool, is_last: bool, tp: TensorParallel,
-                 fetch: FetchRows, max_len: int, device: torch.device):
+                 source: WeightSource, max_len: int, device: torch.device):
         super().__init__()
         self.cfg, self.tp, self.layer_ids = cfg, tp, layers
         self.is_first, self.is_last = is_first, is_last
         self.vocab_start, _ = even_range(cfg.vocab_size, tp.size, tp.rank)
         vocab_rows = shard_rows("model.embed_tokens.weight", cfg, tp.size, tp.rank)
-        self.embed = fetch("model.embed_tokens.weight", vocab_rows) if is_first else None
-        self.layers = [DecoderLayer(cfg, i, tp, fetch) for i in layers]
+        self.embed = source.take(("model.embed_tokens.weight", vocab_rows)) if is_first else None
+        self.layers = [DecoderLayer(cfg, i, tp, source) for i in layers]
         self.rotary = Rotary(cfg, max_len, device)
         self.norm = self.lm_head = None
         if is_last:
-            self.norm = fetch("model.norm.weight", (0, cfg.hidden_size))
+            self.norm = source.take(("model.norm.weight", (0, cfg.hidden_size)))
             head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            self.lm_head = self.embed if (is_first and cfg.tie_word_embeddings) else fetch(head, vocab_rows)
+            self.lm_head = self.embed if (is_first and cfg.tie_word_embeddings) else source.take((head, vocab_rows))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Checkpoint name → the rows of it this stage holds (views, no copies)."""

@@ -19,7 +19,10 @@ class GroupCache:
     def build(self, placement: Placement) -> int:
         """Create the tensor-parallel groups of `placement` that are not cached yet; all workers call this.
         Returns how many were built."""
-        keys = sorted({tuple(sorted(placement.tp_group(p))) for p in range(placement.topology.pp)})
+        return self.build_sets([placement.tp_group(p) for p in range(placement.topology.pp)])
+
+    def build_sets(self, member_sets: list[tuple[int, ...]]) -> int:
+        keys = sorted({tuple(sorted(members)) for members in member_sets})
         built = 0
         for key in keys:
             if len(key) > 1 and key not in self.groups:

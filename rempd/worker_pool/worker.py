@@ -19,6 +19,7 @@ from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import switch_shard
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.llama import LlamaStage
+from rempd.model.weight_source import WeightSource
 from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank, stage_layers
 from rempd.worker_pool.groups import GroupCache
@@ -66,6 +67,7 @@ class Worker:
         self.kv: torch.Tensor | None = None
         self.kv_shape: KVShape | None = None
         self.pending_sends: list[dist.Work] = []
+        self.kv_alloc_seconds = 0.0  # the last pool allocation, for plan's price of a new pool
 
     def _pin_store(self) -> bool:
         """Page-lock the weight store once, so host loads in a switch run at full PCIe speed.
@@ -78,8 +80,14 @@ class Worker:
         error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), read_only)
         return int(error) == 0
 
-    def _fetch(self, name: str, rows: tuple[int, int]) -> torch.Tensor:
-        return self.store.rows(name, *rows).to(self.device, self.dtype, copy=True)
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.store.entry(name).shape[1:])
+
+    def host_source(self) -> WeightSource:
+        def fill(name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
+            out.copy_(self.store.rows(name, *rows), non_blocking=self.pinned)
+
+        return WeightSource(fill, self.row_shape, self.dtype, self.device)
 
     def load_shard(self, placement: Placement, block_size: int, max_len: int) -> ShardInfo | None:
         """Build this worker's stage of `placement` from the weight store; standby workers hold nothing."""
@@ -93,8 +101,8 @@ class Worker:
         members = placement.tp_group(pp_rank)
         tp = TensorParallel(topo.tp, tp_rank, self.groups.get(members), members)
         layers = stage_layers(cfg.num_layers, topo.pp)[pp_rank]
-        self.stage = LlamaStage(cfg, layers, pp_rank == 0, pp_rank == topo.pp - 1, tp, self._fetch,
-                                max_len, self.device)
+        self.stage = LlamaStage(cfg, layers, pp_rank == 0, pp_rank == topo.pp - 1, tp,
+                                self.host_source(), max_len, self.device)
         weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.stage))
         self.kv_shape = KVShape(len(layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, topo.tp),
                                 cfg.head_dim, self.dtype)
@@ -105,7 +113,10 @@ class Worker:
 
     def allocate_kv(self, num_blocks: int) -> None:
         if self.kv_shape is not None:
+            start = time.perf_counter()
             self.kv = self.kv_shape.allocate(num_blocks, self.device)
+            self._sync()
+            self.kv_alloc_seconds = time.perf_counter() - start
 
     def release(self) -> None:
         self._wait_sends()
@@ -172,6 +183,25 @@ class Worker:
             self._sync()
         return built
 
+    def warm_links(self, member_sets: list[tuple[int, ...]]) -> float:
+        """Build these groups and open every peer link now, at start-up: NCCL connects a group on its first
+        collective and a pair of workers on their first transfer, which would otherwise land inside a switch.
+        Every worker calls this together; returns the seconds it took."""
+        start = time.perf_counter()
+        self.groups.build_sets(member_sets)
+        token = torch.zeros(1, device=self.device)
+        for members in sorted({tuple(sorted(m)) for m in member_sets}):
+            if self.setup.index in members:
+                dist.all_reduce(token, group=self.groups.get(members))
+        me, size = self.setup.index, self.setup.world_size
+        peers = [rank for rank in range(size) if rank != me]
+        ops = [dist.P2POp(dist.isend, token, peer, self.world) for peer in peers]
+        ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=self.device), peer, self.world) for peer in peers]
+        for request in dist.batch_isend_irecv(ops) if ops else []:
+            request.wait()
+        self._sync()
+        return time.perf_counter() - start
+
     def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
                max_len: int) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
@@ -221,7 +251,8 @@ class Worker:
                 "weight_bytes": sum(t.numel() * t.element_size() for t in _tensors(self.stage)) if self.stage else 0,
                 "kv_blocks": 0 if self.kv is None else self.kv.shape[2],
                 "kv_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
-                "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds}
+                "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds,
+                "kv_alloc_seconds": self.kv_alloc_seconds}
 
     def shutdown(self) -> None:
         self.release()
