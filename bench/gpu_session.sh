@@ -15,12 +15,14 @@ for step in "$@"; do
     case "$step" in
     tests)
         timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    matrix)  # switches beside restarts of the same model into each target
+    matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape
         timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
-            --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" \
+            --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
+            ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     restart)
-        timeout 550 python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 --restart-only \
+        timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+            --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;
     esac
 done

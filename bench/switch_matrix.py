@@ -158,6 +158,7 @@ async def main() -> None:
     ap.add_argument("--warm-s", type=float, default=1.0, help="seconds of streaming before each switch")
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--restart-only", action="store_true")
+    ap.add_argument("--restart-topologies", help="restart into these targets only (default: every topology)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = Path(args.checkpoints) / args.shape
@@ -172,7 +173,7 @@ async def main() -> None:
     if not args.restart_only:
         results |= await run_matrix(model, args.shape, args.devices, topologies, args, log_path)
     if not args.no_restart:
-        for topology in topologies:
+        for topology in (args.restart_topologies or args.topologies).split(","):
             try:
                 seconds = await restart_time(model, args.devices, topology, 18001, args.shape, log_path)
             except Exception as exc:  # noqa: BLE001 - a topology that cannot start is recorded as such

@@ -117,6 +117,8 @@ class DaemonConfig:
     max_num_batched_tokens: int = _opt(1024, _strict(int), "token budget of one step")
     max_model_len: int | None = _opt(None, _optional(_strict(int)), "context length; the model's own if unset")
     block_size: int = _opt(16, _strict(int), "tokens per KV block")
+    switch_round_bytes: int = _opt(1 << 30, parse_size, "a switch moves weights between devices in rounds of "
+                                   "this size: smaller needs less memory beside the old and new shards")
     drain_timeout: float = _opt(30.0, _strict(float), "seconds running requests may take to finish on SIGTERM")
 
     @classmethod
@@ -177,7 +179,7 @@ class DaemonConfig:
             cpu_workers=self.cpu_workers, dtype=self.dtype, block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory, gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len)
+            max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes)
 
 
 def find_config_file(explicit: Path | None, default: Path = DEFAULT_CONFIG_PATH) -> Path | None:

@@ -92,6 +92,8 @@ def start_daemon(tmp_path):
 def faulty_daemon(checkpoints, tmp_path_factory):
     """One tiny-llama daemon per test module, with fault injection on (tests slow, break or collide switches)."""
     running = RunningDaemon(checkpoints["tiny-llama"], tmp_path_factory.mktemp("daemon"),
-                            env={"REMP_ENABLE_FAULT_INJECTION": "1"})
+                            env={"REMP_ENABLE_FAULT_INJECTION": "1"},
+                            # small rounds, so the switch tests cross many of them
+                            extra=["--switch-round-bytes", "64KiB"])
     yield running
     running.stop()

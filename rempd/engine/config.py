@@ -19,6 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
+    switch_round_bytes: int = 1 << 30  # peer transfers of a switch go in rounds of about this size
 
     @property
     def num_devices(self) -> int:

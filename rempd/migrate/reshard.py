@@ -1,7 +1,9 @@
 """A worker's part of a switch: pack live KV, exchange weights and KV with peers, build the new shard.
 
 Every worker walks the same plan in the same order, so the point-to-point messages of each (src, dst) pair
-match without tags. Peer transfers are posted together and overlap the host-store loads and local copies."""
+match without tags. Peer transfers go in rounds of about ROUND_BYTES, one flattened buffer per pair and round, so
+the memory a switch needs beside the old and new shards stays small; the first round is in flight while the
+host-store loads and local copies run, and each later round while the one before is copied into place."""
 from __future__ import annotations
 
 import math
@@ -16,6 +18,8 @@ from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.shards import Shard
 
 RowSource = Callable[[str, int, int], torch.Tensor]  # (name, start, stop) → rows in the host store
+PieceKey = tuple[str, int]  # ("w" | "kv", index into plan.weights or plan.kv)
+ROUND_BYTES = 1 << 30
 
 
 @dataclass
@@ -40,52 +44,85 @@ def pack_kv(plan: SwitchPlan, me: int, old_shard: Shard | None, old_heads: range
     return packed
 
 
-def post_exchange(plan: SwitchPlan, me: int, old_weights: dict[str, torch.Tensor], old_rows: dict[str, tuple],
-                  packed_kv: dict[int, torch.Tensor], kv_piece_shape: Callable[[int], tuple],
-                  row_shape: Callable[[str], tuple], dtype: torch.dtype, device: torch.device,
-                  times: ReshardTimes, group: dist.ProcessGroup) -> tuple[list, dict[int, torch.Tensor],
-                                                                          dict[int, torch.Tensor]]:
-    """Post one send and one receive per peer pair, each carrying every weight and KV piece of that pair in plan
-    order, flattened into one buffer. Returns (requests, weight buffers, KV buffers) by piece index; the
-    buffers are views of the receive buffers, valid once the requests are done."""
+def exchange_rounds(plan: SwitchPlan, round_bytes: int = ROUND_BYTES) -> list[list[PieceKey]]:
+    """Every peer piece in plan order (weights, then KV), cut into rounds of about `round_bytes`. It depends on
+    the plan alone, so every worker cuts the same rounds."""
+    rounds: list[list[PieceKey]] = [[]]
+    filled = 0
+    pieces = [("w", i, p.nbytes) for i, p in enumerate(plan.weights) if p.source == "peer"]
+    pieces += [("kv", i, plan.kv_bytes(p)) for i, p in enumerate(plan.kv) if p.source == "peer"]
+    for kind, i, nbytes in pieces:
+        if filled >= round_bytes:
+            rounds.append([])
+            filled = 0
+        rounds[-1].append((kind, i))
+        filled += nbytes
+    return [r for r in rounds if r]
+
+
+def transform_bytes(plan: SwitchPlan, me: int, new_weight_bytes: int, round_bytes: int = ROUND_BYTES) -> int:
+    """The most this worker allocates during the transform while its old shard is still held: the new shard,
+    its packed live KV, and the buffers of at most two rounds in flight."""
+    exchanged = packed = largest = 0
+    for piece in plan.weights:
+        if piece.source == "peer" and me in (piece.src, piece.dst):
+            exchanged += piece.nbytes
+            largest = max(largest, piece.nbytes)
+    for piece in plan.kv:
+        if piece.src == me:
+            packed += plan.kv_bytes(piece)
+        if piece.source == "peer" and piece.dst == me:
+            exchanged += plan.kv_bytes(piece)
+    return new_weight_bytes + packed + min(exchanged, 2 * (round_bytes + largest))
+
+
+def post_round(plan: SwitchPlan, keys: list[PieceKey], me: int, old_weights: dict[str, torch.Tensor],
+               old_rows: dict[str, tuple], packed_kv: dict[int, torch.Tensor],
+               kv_piece_shape: Callable[[int], tuple], row_shape: Callable[[str], tuple], dtype: torch.dtype,
+               device: torch.device, times: ReshardTimes, group: dist.ProcessGroup
+               ) -> tuple[list, dict[PieceKey, torch.Tensor]]:
+    """Post one send and one receive per peer pair for this round's pieces, each flattened into one buffer.
+    Returns the requests and the received pieces by key: views of the receive buffers, valid once the
+    requests are done."""
     outgoing: dict[int, list[torch.Tensor]] = {}
-    incoming: dict[int, list[tuple[str, int, tuple]]] = {}  # src → [(kind, piece index, shape)]
-    for i, piece in enumerate(plan.weights):
-        if piece.source != "peer":
-            continue
-        if piece.src == me:
-            start = old_rows[piece.name][0]
-            outgoing.setdefault(piece.dst, []).append(old_weights[piece.name][piece.start - start:piece.stop - start])
-        elif piece.dst == me:
-            incoming.setdefault(piece.src, []).append(("w", i, (piece.stop - piece.start, *row_shape(piece.name))))
-    for i, piece in enumerate(plan.kv):
-        if piece.source != "peer":
-            continue
-        if piece.src == me:
-            outgoing.setdefault(piece.dst, []).append(packed_kv[i])
-        elif piece.dst == me:
-            incoming.setdefault(piece.src, []).append(("kv", i, kv_piece_shape(i)))
-    ops, weight_bufs, kv_bufs = [], {}, {}
+    incoming: dict[int, list[tuple[PieceKey, tuple]]] = {}
+    for key in keys:
+        kind, i = key
+        if kind == "w":
+            piece = plan.weights[i]
+            if piece.src == me:
+                start = old_rows[piece.name][0]
+                outgoing.setdefault(piece.dst, []).append(
+                    old_weights[piece.name][piece.start - start:piece.stop - start])
+            elif piece.dst == me:
+                incoming.setdefault(piece.src, []).append((key, (piece.stop - piece.start, *row_shape(piece.name))))
+        else:
+            piece = plan.kv[i]
+            if piece.src == me:
+                outgoing.setdefault(piece.dst, []).append(packed_kv[i])
+            elif piece.dst == me:
+                incoming.setdefault(piece.src, []).append((key, kv_piece_shape(i)))
+    ops, received = [], {}
     for dst in sorted(outgoing):
-        flat = torch.cat([t.reshape(-1) for t in outgoing[dst]])
+        parts = outgoing[dst]
+        flat = parts[0].reshape(-1) if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])
         ops.append(dist.P2POp(dist.isend, flat, dst, group))
         times.bytes_sent += flat.numel() * flat.element_size()
     for src in sorted(incoming):
-        sizes = [math.prod(shape) for _, _, shape in incoming[src]]
+        sizes = [math.prod(shape) for _, shape in incoming[src]]
         flat = torch.empty(sum(sizes), dtype=dtype, device=device)
         ops.append(dist.P2POp(dist.irecv, flat, src, group))
         times.bytes_received += flat.numel() * flat.element_size()
-        for (kind, i, shape), part in zip(incoming[src], flat.split(sizes)):
-            (weight_bufs if kind == "w" else kv_bufs)[i] = part.view(shape)
-    return (dist.batch_isend_irecv(ops) if ops else []), weight_bufs, kv_bufs
+        for (key, shape), part in zip(incoming[src], flat.split(sizes)):
+            received[key] = part.view(shape)
+    return (dist.batch_isend_irecv(ops) if ops else []), received
 
 
 def assemble_rows(pieces: list[tuple[int, WeightPiece]], rows: tuple[int, int], me: int,
-                  old_weights: dict[str, torch.Tensor], old_rows: dict[str, tuple],
-                  weight_bufs: dict[int, torch.Tensor], from_host: RowSource, requests: list,
-                  out: torch.Tensor) -> torch.Tensor:
-    """Fill `out` (this worker's new rows of one tensor) from its pieces: stay, host, then peers."""
-    peer = []
+                  old_weights: dict[str, torch.Tensor], old_rows: dict[str, tuple], from_host: RowSource,
+                  out: torch.Tensor, from_peers: dict[int, torch.Tensor]) -> None:
+    """Fill `out` (this worker's new rows of one tensor) from what stays and from the host store; the rows
+    that peers send are left for later, recorded in `from_peers` by piece index."""
     for i, piece in pieces:
         target = out[piece.start - rows[0]:piece.stop - rows[0]]
         if piece.src == me:
@@ -94,23 +131,16 @@ def assemble_rows(pieces: list[tuple[int, WeightPiece]], rows: tuple[int, int], 
         elif piece.src is None:
             target.copy_(from_host(piece.name, piece.start, piece.stop), non_blocking=True)
         else:
-            peer.append((target, i))
-    if peer:
-        for request in requests:  # the first peer piece waits for all transfers; later ones find them done
-            request.wait()
-        requests.clear()
-        for target, i in peer:
-            target.copy_(weight_bufs.pop(i))
-    return out
+            from_peers[i] = target
 
 
 def install_kv(plan: SwitchPlan, me: int, new_shard: Shard, new_heads: range, kv: torch.Tensor,
-               packed: dict[int, torch.Tensor], received: dict[int, torch.Tensor], num_live: int) -> None:
+               packed: dict[int, torch.Tensor], received: dict[PieceKey, torch.Tensor], num_live: int) -> None:
     """Write each piece into the new pool; live blocks are compacted to ids 0..num_live-1."""
     for i, piece in enumerate(plan.kv):
         if piece.dst != me:
             continue
-        data = packed[i] if piece.src == me else received[i]
+        data = packed[i] if piece.src == me else received[("kv", i)]
         l0 = piece.layers.start - new_shard.layers.start
         h0 = piece.heads.start - new_heads.start
         kv[l0:l0 + len(piece.layers), :, :num_live, :, h0:h0 + len(piece.heads)] = data
@@ -133,7 +163,7 @@ class Clock:
 
 
 def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
-                 max_len: int) -> tuple:
+                 max_len: int, round_bytes: int = ROUND_BYTES) -> tuple:
     """Run the transform on `worker` (a rempd.worker_pool.worker.Worker); returns its new
     (stage, kv, kv_shape, report). The old pool is freed before the new one is allocated."""
     from rempd.engine.kv_cache import KVShape
@@ -163,10 +193,14 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         piece = plan.kv[i]
         return (len(piece.layers), 2, len(live_blocks), block_size, len(piece.heads), cfg.head_dim)
 
-    requests, weight_bufs, kv_bufs = post_exchange(plan, me, old_weights, old_rows, packed, kv_piece_shape,
-                                                   worker.row_shape, dtype, dev, times, worker.world)
+    def post(keys: list[PieceKey]) -> tuple[list, dict[PieceKey, torch.Tensor]]:
+        return post_round(plan, keys, me, old_weights, old_rows, packed, kv_piece_shape, worker.row_shape, dtype,
+                          dev, times, worker.world)
+
+    rounds = exchange_rounds(plan, round_bytes)
+    in_flight = post(rounds[0]) if rounds else ([], {})
     clock.mark("exchange_post")
-    stage = None
+    stage, from_peers = None, {}
     if new_shard is not None:
         mine: dict[str, list[tuple[int, WeightPiece]]] = {}
         for i, piece in enumerate(plan.weights):
@@ -177,16 +211,26 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
             return worker.store.rows(name, a, b)
 
         def fill(name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
-            assemble_rows(mine[name], rows, me, old_weights, old_rows, weight_bufs, from_host, requests, out)
+            assemble_rows(mine[name], rows, me, old_weights, old_rows, from_host, out, from_peers)
 
         members = plan.new.tp_group(new_shard.pp_rank)
         tp = TensorParallel(new_shard.tp, new_shard.tp_rank, worker.groups.get(members), members)
         source = WeightSource(fill, worker.row_shape, dtype, dev)
         stage = LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, source, max_len, dev)
     clock.mark("weights")
-    for request in requests:
-        request.wait()
-    clock.mark("exchange_wait")
+    received_kv: dict[PieceKey, torch.Tensor] = {}
+    for r in range(len(rounds)):
+        requests, received = in_flight
+        for request in requests:
+            request.wait()
+        if r + 1 < len(rounds):  # the next round travels while this one is copied into place
+            in_flight = post(rounds[r + 1])
+        for key, data in received.items():
+            if key[0] == "w":
+                from_peers.pop(key[1]).copy_(data)
+            else:
+                received_kv[key] = data
+    clock.mark("exchange")
     old_weights.clear()  # drop the views, so the old tensors can go
     worker.stage = None  # the old shard's tensors go once every peer has read them
     if dev.type == "cuda":
@@ -198,7 +242,7 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
                            cfg.head_dim, dtype)
         kv = kv_shape.allocate(num_blocks, dev)
         clock.mark("kv_alloc")
-        install_kv(plan, me, new_shard, geo.kv_heads(new_shard), kv, packed, kv_bufs, len(live_blocks))
+        install_kv(plan, me, new_shard, geo.kv_heads(new_shard), kv, packed, received_kv, len(live_blocks))
     clock.mark("kv_install")
     report = {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received}
     return stage, kv, kv_shape, report

@@ -44,6 +44,12 @@ def check_capacity(engine, plan: SwitchPlan) -> int:
     """Blocks the new pool will have; refuses a target that cannot hold one full-length sequence."""
     capacities = engine.pool.call("kv_capacity", plan.new, engine.config.block_size, workers=list(plan.new.workers))
     num_blocks = min(capacities)
+    involved = sorted(set(plan.old.workers) | set(plan.new.workers))
+    headroom = engine.pool.call("transform_headroom", plan, engine.config.switch_round_bytes, workers=involved)
+    for worker, left in zip(involved, headroom):
+        if left is not None and left < 0:
+            raise SwitchRefused(f"{plan.new.topology}: {engine.devices[worker]} would run out of memory during the "
+                                f"switch, where its old and new shards coexist: {-left / 1e9:.1f} GB short")
     needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
     if num_blocks < needed:
         raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {num_blocks} KV blocks, "
@@ -119,7 +125,7 @@ class SwitchTransaction:
             involved = sorted(set(old.workers) | set(plan.new.workers))
             max_len = engine.max_model_len
             results = engine.pool.call("switch", plan, live_blocks, num_blocks, engine.config.block_size,
-                                       max_len, workers=involved)
+                                       max_len, engine.config.switch_round_bytes, workers=involved)
             self._leave("transform", start)
             for result in results:
                 for name, seconds in result["phases"].items():

@@ -16,7 +16,7 @@ from rempd.model.attention import AttentionMetadata
 from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
-from rempd.migrate.reshard import switch_shard
+from rempd.migrate.reshard import switch_shard, transform_bytes
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.llama import LlamaStage
 from rempd.model.weight_source import WeightSource
@@ -164,6 +164,19 @@ class Worker:
             budget += held["kv_bytes"] + held["weight_bytes"] - self.geometry.weight_bytes(shard)
         return budget // shape.bytes_per_block
 
+    def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> int | None:
+        """Bytes this device has left at the transform's peak, when old and new shards coexist (negative: it
+        would run out); None on CPU, whose workers share the host's memory."""
+        if self.device.type != "cuda":
+            return None
+        shard = shard_of(self.setup.model, plan.new, self.setup.index)
+        new_bytes = self.geometry.weight_bytes(shard) if shard else 0
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        held_kv = 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+        needed = transform_bytes(plan, self.setup.index, new_bytes, round_bytes)
+        return free + cached + held_kv - (1 << 30) - needed
+
     def prepare_groups(self, placement: Placement) -> int:
         """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
         communicator on its first use, which belongs to this phase, not to the first step after the switch.
@@ -203,10 +216,10 @@ class Worker:
         return time.perf_counter() - start
 
     def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
-               max_len: int) -> dict:
+               max_len: int, round_bytes: int) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
         self.stage, self.kv, self.kv_shape, times = switch_shard(self, plan, live_blocks, num_blocks, block_size,
-                                                                 max_len)
+                                                                 max_len, round_bytes)
         self.placement = plan.new
         return times
 
