@@ -19,6 +19,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
+    attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the kernels only)
 
     @property
     def num_devices(self) -> int:
