@@ -141,8 +141,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        while len(self.in_flight) < self.placement.topology.pp:
-            batch = self.scheduler.schedule()
+        pp = self.placement.topology.pp
+        # under pp the running sequences split into pp micro-batches, so that every stage has work
+        share = -(-len(self.scheduler.running) // pp) if pp > 1 and self.scheduler.running else None
+        while len(self.in_flight) < pp:
+            batch = self.scheduler.schedule(share)
             if batch is None:
                 break
             self.pool.send_step(self.scheduler.step_input(batch), workers=self.active)

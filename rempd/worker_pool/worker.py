@@ -230,6 +230,24 @@ class Worker:
                 timings["peer"] = time.perf_counter() - start
         return {"bytes": src.numel(), **timings}
 
+    def measure_all_reduce(self, numels: list[int], iterations: int = 20) -> dict[int, float]:
+        """Seconds of one all-reduce of each size (elements of the model dtype) on this worker's TP group, for the
+        decode benchmark's floor. Every active worker calls this together."""
+        group = self.stage.tp.group if self.stage is not None else None
+        if group is None:
+            return {}
+        timings = {}
+        for numel in numels:
+            x = torch.ones(numel, dtype=self.dtype, device=self.device)
+            dist.all_reduce(x, group=group)  # warm
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(iterations):
+                dist.all_reduce(x, group=group)
+            self._sync()
+            timings[numel] = (time.perf_counter() - start) / iterations
+        return timings
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
