@@ -175,6 +175,8 @@ class LLMEngine:
         outputs = []
         while self.in_flight:
             outputs += self.finish_oldest()
+        if outputs:
+            self.last_output_at = time.perf_counter()
         return outputs
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -237,7 +239,9 @@ class LLMEngine:
     def switch(self, target: Topology | Placement, report: SwitchReport, fault: Fault | None = None,
                on_phase: Callable[[SwitchReport], None] | None = None) -> list[RequestOutput]:
         """Run one reconfiguration transaction between steps; returns outputs finished while quiescing."""
+        finished = self.quiesce()  # the plan phase calls the workers: no micro-batch may be in flight
         transaction = SwitchTransaction(self, target, report, self.links, fault, on_phase)
+        transaction.outputs = finished
         if report not in self.switches:
             self.switches.append(report)
         transaction.run()

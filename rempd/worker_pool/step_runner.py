@@ -40,11 +40,12 @@ class StepRunner:
         self.capture_seconds: dict[int, float] = {}
         self.stats = StepStats()
 
-    def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput,
-                hidden: torch.Tensor | None) -> torch.Tensor:
-        """hidden: the previous stage's output on later stages. Returns hidden states or the sampled rows' logits."""
+    def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
+                graphs: bool = True) -> tuple[torch.Tensor, bool]:
+        """hidden: the previous stage's output on later stages. Returns hidden states or the sampled rows' logits,
+        and whether a graph produced them (then they are a view of its static output)."""
         start = time.perf_counter()
-        bucket = self.graphs.bucket_for(step) if self.graphs is not None else None
+        bucket = self.graphs.bucket_for(step) if graphs and self.graphs is not None else None
         if bucket is not None:
             out = self.graphs.run(bucket, step, hidden)
             self.stats.graph_steps += 1
@@ -59,7 +60,7 @@ class StepRunner:
             out = stage(ids if stage.is_first else hidden, positions, kv, meta, samples)
         self.stats.steps += 1
         self.stats.host_seconds += time.perf_counter() - start
-        return out
+        return out, bucket is not None
 
     def capture(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, max_blocks: int,
                 max_batch: int) -> float:

@@ -132,18 +132,12 @@ class Worker:
         if not stage.is_first:
             hidden = torch.empty(step.num_tokens, self.setup.model.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(hidden, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
-        if return_logits:  # scoring checks the model itself: always the eager path
-            graphs, self.runner.graphs = self.runner.graphs, None
-            try:
-                out = self.runner.forward(stage, self.kv, step, hidden)
-            finally:
-                self.runner.graphs = graphs
-        else:
-            out = self.runner.forward(stage, self.kv, step, hidden)
+        # scoring checks the model itself, so it never replays a graph
+        out, replayed = self.runner.forward(stage, self.kv, step, hidden, graphs=not return_logits)
         if not stage.is_last:
             self._wait_sends()
-            # a copy: a graph's static output is overwritten by the next replay while the send may still run
-            out = out.clone() if self.runner.graphs is not None else out
+            # a graph's static output is overwritten by the next replay, maybe while this send still runs
+            out = out.clone() if replayed else out
             self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world))
             return None
         if tp_rank != 0:
