@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
-# Writes logs and JSON under $OUT. Usage on the device tool: bash bench/gpu_session.sh tests|matrix|restart
+# Writes logs and JSON under $OUT. Usage on the device tool: bash bench/gpu_session.sh tests|matrix|restart|decode
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -20,6 +20,9 @@ for step in "$@"; do
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
             ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
+    decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate()
+        timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
+            --out "$OUT/decode_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     restart)
         timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \

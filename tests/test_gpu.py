@@ -68,3 +68,55 @@ def test_live_switches_on_gpus_keep_the_model(llama1b, hf_logits):
         while engine.has_unfinished():
             engine.step()
         assert_bf16_close(engine.score(PROMPT), hf_logits)
+
+
+# Kernel and CUDA-graph paths against the reference attention. float32 makes the comparison exact enough for
+# greedy tokens to be equal (bf16 near-ties could flip one); bf16 is covered against transformers above.
+PROMPTS = [[128000] + [(53 * i + 7 * j) % 120000 + 100 for j in range(n)] for i, n in enumerate((4, 40, 130, 300, 9, 61))]
+GREEDY_LONG = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+FP32 = dict(dtype="float32", max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(llama1b):
+    need_gpus(1)
+    with LLM(llama1b, devices=[0], attention="reference", cuda_graphs=False, **FP32) as llm:
+        assert not any(info["kernels"] for info in llm.engine.shard_infos)
+        return [o.token_ids for o in llm.generate(PROMPTS, GREEDY_LONG)], llm.engine.score(PROMPTS[3])
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (2, 2)])
+def test_kernels_and_graphs_match_the_reference(llama1b, fp32_reference, tp, pp):
+    need_gpus(tp * pp)
+    tokens, logits = fp32_reference
+    with LLM(llama1b, tp=tp, pp=pp, devices=list(range(tp * pp)), **FP32) as llm:
+        out = llm.generate(PROMPTS, GREEDY_LONG)  # 6 sequences decode in the bucket of 8 (padded)
+        infos = llm.engine.pool.call("info", workers=llm.engine.active)
+        torch.testing.assert_close(llm.engine.score(PROMPTS[3]), logits, atol=2e-3, rtol=2e-3)
+    assert [o.token_ids for o in out] == tokens
+    assert all(i["kernels"] and i["graph_steps"] > 0 and i["graph_capture_s"] > 0 for i in infos), infos
+
+
+def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
+    need_gpus(4)
+    tokens, _ = fp32_reference
+    with LLM(llama1b, tp=2, pp=2, devices=[0, 1, 2, 3], **FP32) as llm:
+        engine = llm.engine
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, GREEDY_LONG)
+        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        for tp, pp in [(4, 1), (1, 4), (2, 1), (2, 2)]:
+            for _ in range(6):
+                for out in engine.step():
+                    got[out.request_id] += out.new_token_ids
+            report = SwitchReport(id=f"{tp}{pp}", source=str(engine.placement), target=f"TP{tp}PP{pp}")
+            for out in engine.switch(Topology(tp, pp), report):  # micro-batches that finished while quiescing
+                got[out.request_id] += out.new_token_ids
+            assert report.state == "committed", report.error
+            assert report.transform_detail["graph_capture"] > 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+        infos = engine.pool.call("info", workers=engine.active)
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
+    assert all(i["graph_steps"] > 0 for i in infos)

@@ -74,3 +74,14 @@ def test_stop_conditions():
     assert (eos.finish_reason, length.finish_reason, ignore.is_finished) == ("stop", "length", False)
     sched.postprocess(sched.schedule(), [9])
     assert ignore.finish_reason == "stop" and sched.blocks.num_free == 8
+
+
+def test_micro_batches_share_the_running_sequences():
+    """Under pp the engine caps each micro-batch, so a second one in flight has sequences to decode."""
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    seqs = [make_seq(name, 3, float(i)) for i, name in enumerate("abc")]
+    for seq in seqs:
+        sched.add(seq)
+    sched.postprocess(sched.schedule(), [7, 7, 7])
+    first, second = sched.schedule(max_seqs=2), sched.schedule(max_seqs=2)
+    assert first.seqs == seqs[:2] and second.seqs == seqs[2:] and sched.schedule(max_seqs=2) is None

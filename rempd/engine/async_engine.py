@@ -108,6 +108,9 @@ class AsyncEngine:
 
     def _call(self, fn: Callable[[], object], future: concurrent.futures.Future) -> None:
         try:
+            # pp micro-batches may still be in flight between steps: their replies must be read before any
+            # other call to the workers
+            self._emit(self.engine.quiesce())
             future.set_result(fn())
         except WorkerError as exc:
             future.set_exception(exc)

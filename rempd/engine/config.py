@@ -20,6 +20,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
     switch_round_bytes: int = 1 << 30  # peer transfers of a switch go in rounds of about this size
+    attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the kernels only)
 
     @property
     def num_devices(self) -> int:

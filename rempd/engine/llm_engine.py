@@ -58,7 +58,8 @@ class LLMEngine:
             self.template = WorkerSetup(index=0, world_size=0, master_port=0, device="", store_name=self.store.name,
                                    model=cfg, dtype=config.dtype or cfg.dtype,
                                    kv_cache_memory=config.kv_cache_memory,
-                                   gpu_memory_utilization=config.gpu_memory_utilization)
+                                   gpu_memory_utilization=config.gpu_memory_utilization,
+                                   attention=config.attention)
             progress("starting workers", 0.0)
             self.pool = WorkerPool(self.template, self.devices)
             progress("opening links", 0.0)
@@ -75,6 +76,7 @@ class LLMEngine:
         self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
+        self.host_steps, self.host_seconds = 0, 0.0  # driver time per step, without waiting on the workers
         self.calibrate()
 
     def install(self, placement: Placement) -> None:
@@ -90,7 +92,7 @@ class LLMEngine:
             raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
         self.pool.call("allocate_kv", num_blocks)
         self.placement = placement
-        self.shard_infos = self.pool.call("info")
+        self.warm_up()
         blocks = BlockManager(num_blocks, config.block_size)
         if not hasattr(self, "scheduler"):
             # the context length is fixed for the daemon's life; a switch must give every topology room for it
@@ -109,6 +111,15 @@ class LLMEngine:
         self.warm_seconds = max(self.pool.call("warm_links", member_sets))
         self.built_groups = set(member_sets)
         log.info("groups built and peer links opened in %.3f s", self.warm_seconds)
+
+    def warm_up(self) -> float:
+        """Capture the decode CUDA graphs of the installed placement (after install and after a switch's commit);
+        seconds of the slowest worker, also in each worker's info as graph_capture_s."""
+        seconds = 0.0
+        if self.config.cuda_graphs and not self.config.is_cpu:
+            seconds = max(self.pool.call("capture_graphs", self.config.max_num_seqs, workers=self.active))
+        self.shard_infos = self.pool.call("info")
+        return seconds
 
     @property
     def active(self) -> list[int]:
@@ -144,12 +155,17 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        while len(self.in_flight) < self.placement.topology.pp:
-            batch = self.scheduler.schedule()
+        start = time.perf_counter()
+        pp = self.placement.topology.pp
+        # under pp the running sequences split into pp micro-batches, so that every stage has work
+        share = -(-len(self.scheduler.running) // pp) if pp > 1 and self.scheduler.running else None
+        while len(self.in_flight) < pp:
+            batch = self.scheduler.schedule(share)
             if batch is None:
                 break
-            self.pool.send("execute", self.scheduler.step_input(batch), workers=self.active)
+            self.pool.send_step(self.scheduler.step_input(batch), workers=self.active)
             self.in_flight.append(batch)
+        self.host_seconds += time.perf_counter() - start
         outputs = self.finish_oldest() if self.in_flight else []
         if outputs:
             now = time.perf_counter()
@@ -162,14 +178,20 @@ class LLMEngine:
     def finish_oldest(self) -> list[RequestOutput]:
         batch = self.in_flight.popleft()
         results = self.pool.collect(self.active)
+        start = time.perf_counter()
         tokens = results[self.active.index(self.placement.output_worker)] or []
-        return [self._output(seq) for seq in self.scheduler.postprocess(batch, tokens)]
+        outputs = [self._output(seq) for seq in self.scheduler.postprocess(batch, tokens)]
+        self.host_steps += 1
+        self.host_seconds += time.perf_counter() - start
+        return outputs
 
     def quiesce(self) -> list[RequestOutput]:
         """Finish every micro-batch in flight; nothing new is scheduled until the caller steps again."""
         outputs = []
         while self.in_flight:
             outputs += self.finish_oldest()
+        if outputs:
+            self.last_output_at = time.perf_counter()
         return outputs
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -245,7 +267,9 @@ class LLMEngine:
     def switch(self, target: Topology | Placement, report: SwitchReport, fault: Fault | None = None,
                on_phase: Callable[[SwitchReport], None] | None = None) -> list[RequestOutput]:
         """Run one reconfiguration transaction between steps; returns outputs finished while quiescing."""
+        finished = self.quiesce()  # the plan phase calls the workers: no micro-batch may be in flight
         transaction = SwitchTransaction(self, target, report, self.links, fault, on_phase)
+        transaction.outputs = finished
         if report not in self.switches:
             self.switches.append(report)
         transaction.run()
@@ -284,6 +308,7 @@ class LLMEngine:
         return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
                 "workers": workers, "max_model_len": self.max_model_len,
                 "store": {"name": self.store.name, "bytes": self.store.nbytes},
+                "driver_host_ms_per_step": 1e3 * self.host_seconds / max(1, self.host_steps),
                 "num_recoveries": self.num_recoveries}
 
     def stats(self) -> EngineStats:

@@ -38,11 +38,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, max_seqs: int | None = None) -> ScheduledBatch | None:
+        """max_seqs caps the running sequences one batch takes, so that pp micro-batches share them."""
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
         for seq in sorted(self.running, key=lambda s: s.arrival):
-            if budget == 0:
+            if budget == 0 or (max_seqs is not None and len(batch.seqs) >= max_seqs):
                 break
             if seq.in_flight or seq.status is not SequenceStatus.RUNNING:
                 continue

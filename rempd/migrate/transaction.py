@@ -165,7 +165,7 @@ class SwitchTransaction:
         blocks.free_blocks = deque(range(next_id, num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = plan.new
-        engine.shard_infos = engine.pool.call("info")
+        self.report.transform_detail["graph_capture"] = engine.warm_up()
 
     def _rollback(self, old: Placement, exc: Exception) -> None:
         """Back to the old placement. Before transform the workers are untouched; after it started, their

@@ -1,4 +1,5 @@
-"""Paged attention over the KV cache. The reference path is plain PyTorch; a faster kernel drops in here."""
+"""Paged attention over the KV cache, in plain PyTorch: the CPU path and the oracle of the GPU kernels in
+rempd.model.paged_attention, whose KernelMetadata has the same store/attend methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class AttentionMetadata:
             key_mask=mask.to(device),
             query_index=index.to(device),
         )
+
+    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_kv(k_cache, v_cache, k, v, self.slot_mapping)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, self, scale)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

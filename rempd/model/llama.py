@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rempd.model.attention import AttentionMetadata, paged_attention, write_kv
+from rempd.model.attention import AttentionMetadata
 from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel, rms_norm, row_parallel, vocab_parallel_embedding
+from rempd.model.paged_attention import KernelMetadata
 from rempd.model.rotary import Rotary
 from rempd.model.sharding import even_range, shard_rows
 from rempd.model.weight_source import WeightSource
@@ -47,14 +48,14 @@ class DecoderLayer(nn.Module):
         self.views = {p + name: t for name, t in views.items()}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | KernelMetadata) -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         q, k, v = F.linear(h, self.qkv, self.qkv_bias).split([self.q_local, self.kv_local, self.kv_local], -1)
         q = rotary.apply(q.view(-1, self.q_local // hd, hd), positions)
         k = rotary.apply(k.view(-1, self.kv_local // hd, hd), positions)
-        write_kv(kv[0], kv[1], k, v.view(-1, self.kv_local // hd, hd), meta.slot_mapping)
-        attn = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        meta.store(kv[0], kv[1], k, v.view(-1, self.kv_local // hd, hd))
+        attn = meta.attend(q, kv[0], kv[1], self.scale)
         x = x + row_parallel(attn.flatten(1), self.o_t, self.tp)
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
@@ -92,7 +93,7 @@ class LlamaStage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
+                meta: AttentionMetadata | KernelMetadata, sample_indices: torch.Tensor) -> torch.Tensor:
         """inputs: token ids on the first stage, else the previous stage's hidden states.
 
         Returns hidden states, or on the last stage the full-vocabulary logits of the sampled rows."""

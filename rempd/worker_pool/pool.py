@@ -16,6 +16,8 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any
 
+from rempd.engine.step_input import StepInput
+from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.worker import WorkerSetup
 
 log = logging.getLogger("rempd.workers")
@@ -64,24 +66,29 @@ class WorkerProcess:
 
 class WorkerPool:
     def __init__(self, template: WorkerSetup, devices: list[str], start_timeout: float = 600.0):
-        self.template = replace(template, world_size=len(devices), master_port=free_port())
+        self.channel = StepChannel.create()
+        self.template = replace(template, world_size=len(devices), master_port=free_port(),
+                                step_channel=self.channel.name)
         self.devices = devices
         self.procs: list[WorkerProcess] = []
         self.conns: list[Connection] = []
-        authkey = secrets.token_bytes(32)
-        with tempfile.TemporaryDirectory(prefix="remp-pool-") as tmp:
-            address = str(Path(tmp) / "pool.sock")
-            with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
-                for index, device in enumerate(devices):
-                    popen = subprocess.Popen([sys.executable, "-m", "rempd.worker_pool", address],
-                                             stdin=subprocess.PIPE, start_new_session=False)
-                    popen.stdin.write(authkey)
-                    popen.stdin.close()
-                    self.procs.append(WorkerProcess(popen))
-                    conn = listener.accept()
-                    conn.send(replace(self.template, index=index, device=device))
-                    self.conns.append(conn)
-        self.infos = self.collect(list(range(len(devices))), start_timeout)
+        try:
+            authkey = secrets.token_bytes(32)
+            with tempfile.TemporaryDirectory(prefix="remp-pool-") as tmp:
+                address = str(Path(tmp) / "pool.sock")
+                with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+                    for index, device in enumerate(devices):
+                        popen = subprocess.Popen([sys.executable, "-m", "rempd.worker_pool", address],
+                                                 stdin=subprocess.PIPE, start_new_session=False)
+                        popen.stdin.write(authkey)
+                        popen.stdin.close()
+                        self.procs.append(WorkerProcess(popen))
+                        conn = listener.accept()
+                        conn.send(replace(self.template, index=index, device=device))
+                        self.conns.append(conn)
+            self.infos = self.collect(list(range(len(devices))), start_timeout)
+        finally:
+            self.channel.unlink()  # every worker has mapped it by now, or failed
 
     @property
     def size(self) -> int:
@@ -101,6 +108,10 @@ class WorkerPool:
             except (BrokenPipeError, ConnectionResetError, OSError) as exc:
                 raise WorkerError(i, f"not reachable ({exc})") from exc
         return targets
+
+    def send_step(self, step: StepInput, workers: list[int]) -> list[int]:
+        """Start `execute` of one step on `workers`: the step is written once to shared memory, not per worker."""
+        return self.send("execute_shared", self.channel.write(step), workers=workers)
 
     def _read(self, index: int) -> Any:
         try:
@@ -149,3 +160,4 @@ class WorkerPool:
         for conn, proc in zip(self.conns, self.procs):
             conn.close()
             proc.close()
+        self.channel.close()

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from rempd.engine.kv_cache import KVShape, kv_budget_bytes
 from rempd.engine.sampler import sample
 from rempd.engine.step_input import StepInput
-from rempd.model.attention import AttentionMetadata
 from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
@@ -23,6 +22,8 @@ from rempd.model.weight_source import WeightSource
 from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank, stage_layers
 from rempd.worker_pool.groups import GroupCache
+from rempd.worker_pool.step_channel import StepChannel
+from rempd.worker_pool.step_runner import StepRunner, use_kernels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +39,8 @@ class WorkerSetup:
     dtype: str
     kv_cache_memory: int  # CPU KV budget in bytes
     gpu_memory_utilization: float
+    step_channel: str = ""  # shared-memory ring the driver writes steps to (see StepChannel)
+    attention: str = "auto"  # "auto", "triton" or "reference" (see step_runner.use_kernels)
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Worker:
         self.kv_shape: KVShape | None = None
         self.pending_sends: list[dist.Work] = []
         self.kv_alloc_seconds = 0.0  # the last pool allocation, for plan's price of a new pool
+        self.channel = StepChannel.attach(setup.step_channel) if setup.step_channel else None
+        self.runner = StepRunner(self.device, use_kernels(setup.attention, self.device))
 
     def _pin_store(self) -> bool:
         """Page-lock the weight store once, so host loads in a switch run at full PCIe speed.
@@ -120,27 +125,30 @@ class Worker:
 
     def release(self) -> None:
         self._wait_sends()
+        self.runner.drop_graphs()
         self.stage = self.kv = self.kv_shape = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def execute_shared(self, ref: tuple[int, int] | bytes) -> list[int] | None:
+        """execute() of a step the driver wrote to the shared-memory channel."""
+        return self.execute(self.channel.read(ref))
 
     def execute(self, step: StepInput, return_logits: bool = False) -> list[int] | torch.Tensor | None:
         if self.stage is None:
             return None
         stage, placement, dev = self.stage, self.placement, self.device
         pp_rank, tp_rank = placement.coords(self.setup.index)
-        meta = AttentionMetadata.build(step.slot_mapping, step.block_tables, step.query_lens,
-                                       step.context_lens, self.kv_shape.block_size, dev)
-        positions = torch.tensor(step.positions, dtype=torch.long, device=dev)
-        sample_indices = torch.tensor(step.sample_indices, dtype=torch.long, device=dev)
-        if stage.is_first:
-            inputs = torch.tensor(step.token_ids, dtype=torch.long, device=dev)
-        else:
-            inputs = torch.empty(step.num_tokens, self.setup.model.hidden_size, dtype=self.dtype, device=dev)
-            dist.recv(inputs, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
-        out = stage(inputs, positions, self.kv, meta, sample_indices)
+        hidden = None
+        if not stage.is_first:
+            hidden = torch.empty(step.num_tokens, self.setup.model.hidden_size, dtype=self.dtype, device=dev)
+            dist.recv(hidden, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
+        # scoring checks the model itself, so it never replays a graph
+        out, replayed = self.runner.forward(stage, self.kv, step, hidden, graphs=not return_logits)
         if not stage.is_last:
             self._wait_sends()
+            # a graph's static output is overwritten by the next replay, maybe while this send still runs
+            out = out.clone() if replayed else out
             self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world))
             return None
         if tp_rank != 0:
@@ -176,6 +184,14 @@ class Worker:
         held_kv = 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
         needed = transform_bytes(plan, self.setup.index, new_bytes, round_bytes)
         return free + cached + held_kv - (1 << 30) - needed
+
+    def capture_graphs(self, max_batch: int) -> float:
+        """Capture decode graphs for the current shard and KV pool (after install and after a switch; every
+        active worker calls this together, since TP all-reduces are captured). Seconds taken; 0 off CUDA."""
+        if self.stage is None or self.kv is None:
+            return 0.0
+        max_blocks = -(-self.stage.rotary.cos.shape[0] // self.kv_shape.block_size)
+        return self.runner.capture(self.stage, self.kv, self.setup.model.hidden_size, max_blocks, max_batch)
 
     def prepare_groups(self, placement: Placement) -> int:
         """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
@@ -218,6 +234,7 @@ class Worker:
     def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
                max_len: int, round_bytes: int) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
+        self.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
         self.stage, self.kv, self.kv_shape, times = switch_shard(self, plan, live_blocks, num_blocks, block_size,
                                                                  max_len, round_bytes)
         self.placement = plan.new
@@ -250,6 +267,24 @@ class Worker:
                 timings["peer"] = time.perf_counter() - start
         return {"bytes": src.numel(), **timings}
 
+    def measure_all_reduce(self, numels: list[int], iterations: int = 20) -> dict[int, float]:
+        """Seconds of one all-reduce of each size (elements of the model dtype) on this worker's TP group, for the
+        decode benchmark's floor. Every active worker calls this together."""
+        group = self.stage.tp.group if self.stage is not None else None
+        if group is None:
+            return {}
+        timings = {}
+        for numel in numels:
+            x = torch.ones(numel, dtype=self.dtype, device=self.device)
+            dist.all_reduce(x, group=group)  # warm
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(iterations):
+                dist.all_reduce(x, group=group)
+            self._sync()
+            timings[numel] = (time.perf_counter() - start) / iterations
+        return timings
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -266,6 +301,7 @@ class Worker:
                 "kv_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
                 "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds,
                 "kv_alloc_seconds": self.kv_alloc_seconds}
+                **self.runner.info()}
 
     def shutdown(self) -> None:
         self.release()
@@ -274,6 +310,8 @@ class Worker:
             torch.cuda.cudart().cudaHostUnregister(self.store.buffer().data_ptr())
         dist.destroy_process_group()
         self.store.close()
+        if self.channel is not None:
+            self.channel.close()
 
 
 def _tensors(stage: LlamaStage) -> list[torch.Tensor]:

@@ -1,0 +1,94 @@
+"""CUDA graphs of one worker's stage for decode steps, one per batch-size bucket (a step is padded to its bucket).
+
+A graph bakes in the addresses of the weights and of the KV pool, so it is captured after every install and
+every switch, and dropped before a switch frees the old pool. Inputs live in static buffers: one int64 array in
+the StepLayout of the bucket, plus the hidden states a later pipeline stage receives. TP all-reduces run inside
+the graph (NCCL allows capture); pipeline send/recv stay outside it."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rempd.engine.step_input import StepInput
+from rempd.model.llama import LlamaStage
+from rempd.worker_pool.step_tensors import StepLayout
+
+log = logging.getLogger("rempd.graphs")
+
+
+def buckets_up_to(max_batch: int) -> list[int]:
+    """Powers of two, and max_batch itself: decode is bound by weight reads, so padding a batch costs little."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return [*sizes, max_batch]
+
+
+@dataclass
+class DecodeGraph:
+    graph: torch.cuda.CUDAGraph
+    layout: StepLayout
+    flat: torch.Tensor  # static inputs, StepLayout order
+    hidden: torch.Tensor | None  # static hidden states in, on stages after the first
+    out: torch.Tensor  # static output: hidden states, or logits of every row on the last stage
+
+
+class DecodeGraphs:
+    def __init__(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, dtype: torch.dtype,
+                 max_blocks: int, max_batch: int):
+        self.stage, self.kv, self.max_blocks = stage, kv, max_blocks
+        self.hidden_size, self.dtype = hidden_size, dtype
+        self.buckets = buckets_up_to(max_batch)
+        self.graphs: dict[int, DecodeGraph] = {}
+        self.capture_seconds: dict[int, float] = {}
+
+    def capture(self) -> float:
+        """Capture every bucket, largest first so that the smaller ones fit in its memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.buckets):
+            start = time.perf_counter()
+            self.graphs[size] = self._capture_one(size, pool)
+            torch.cuda.synchronize()
+            self.capture_seconds[size] = time.perf_counter() - start
+            log.info("captured decode graph for batch %d in %.3f s", size, self.capture_seconds[size])
+        return sum(self.capture_seconds.values())
+
+    def _capture_one(self, size: int, pool) -> DecodeGraph:
+        layout = StepLayout(tokens=size, samples=size, seqs=size, max_blocks=self.max_blocks)
+        device = self.kv.device
+        idle = StepInput([0] * size, [0] * size, [-1] * size, [1] * size, [0] * size, [[]] * size,
+                         list(range(size)), [])
+        flat = torch.from_numpy(layout.pack(idle)).to(device)
+        ids, positions, samples, meta = layout.unpack(flat, max_query_len=1)
+        hidden = None if self.stage.is_first else torch.zeros(size, self.hidden_size, dtype=self.dtype,
+                                                                device=device)
+        inputs = ids if hidden is None else hidden
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up run compiles kernels and sets up libraries outside capture
+            self.stage(inputs, positions, self.kv, meta, samples)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.stage(inputs, positions, self.kv, meta, samples)
+        return DecodeGraph(graph, layout, flat, hidden, out)
+
+    def bucket_for(self, step: StepInput) -> int | None:
+        """The bucket that runs this step, or None when it is not a plain decode step that fits one."""
+        n = len(step.query_lens)
+        if step.num_tokens != n or n > self.buckets[-1] or step.sample_indices not in ([], list(range(n))):
+            return None
+        if max(len(t) for t in step.block_tables) > self.max_blocks:
+            return None
+        return next(b for b in self.buckets if b >= n)
+
+    def run(self, size: int, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Replay the bucket's graph on `step`; returns the rows of the real sequences (a view of the static
+        output, valid until the next replay)."""
+        entry, n = self.graphs[size], len(step.query_lens)
+        entry.flat.copy_(torch.from_numpy(entry.layout.pack(step)), non_blocking=True)
+        if entry.hidden is not None:
+            entry.hidden[:n].copy_(hidden)
+        entry.graph.replay()
+        return entry.out[:n]

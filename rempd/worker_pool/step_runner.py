@@ -1,0 +1,84 @@
+"""How a worker runs its stage on one step: a captured decode graph when one fits, else eagerly with the Triton
+kernels (GPU) or the reference attention (CPU, and the oracle). Keeps the host time per step."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rempd.engine.step_input import StepInput
+from rempd.model.attention import AttentionMetadata
+from rempd.model.llama import LlamaStage
+from rempd.model.paged_attention import kernels_available
+from rempd.worker_pool.cuda_graphs import DecodeGraphs
+from rempd.worker_pool.step_tensors import to_device
+
+
+def use_kernels(attention: str, device: torch.device) -> bool:
+    """attention: "auto" (kernels on CUDA when Triton is there), "triton" or "reference"."""
+    if attention == "auto":
+        return device.type == "cuda" and kernels_available()
+    return attention == "triton"
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    graph_steps: int = 0
+    host_seconds: float = 0.0  # preparing inputs and launching the stage, without waiting on the GPU or peers
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "graph_steps": self.graph_steps,
+                "host_ms_per_step": 1e3 * self.host_seconds / self.steps if self.steps else 0.0}
+
+
+class StepRunner:
+    def __init__(self, device: torch.device, kernels: bool):
+        self.device, self.kernels = device, kernels
+        self.graphs: DecodeGraphs | None = None
+        self.capture_seconds: dict[int, float] = {}
+        self.stats = StepStats()
+
+    def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
+                graphs: bool = True) -> tuple[torch.Tensor, bool]:
+        """hidden: the previous stage's output on later stages. Returns hidden states or the sampled rows' logits,
+        and whether a graph produced them (then they are a view of its static output)."""
+        start = time.perf_counter()
+        bucket = self.graphs.bucket_for(step) if graphs and self.graphs is not None else None
+        if bucket is not None:
+            out = self.graphs.run(bucket, step, hidden)
+            self.stats.graph_steps += 1
+        else:
+            if self.kernels:
+                ids, positions, samples, meta = to_device(step, self.device)
+            else:
+                meta = AttentionMetadata.build(step.slot_mapping, step.block_tables, step.query_lens,
+                                               step.context_lens, kv.shape[3], self.device)
+                ids, positions, samples = (torch.tensor(x, dtype=torch.long, device=self.device)
+                                           for x in (step.token_ids, step.positions, step.sample_indices))
+            out = stage(ids if stage.is_first else hidden, positions, kv, meta, samples)
+        self.stats.steps += 1
+        self.stats.host_seconds += time.perf_counter() - start
+        return out, bucket is not None
+
+    def capture(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, max_blocks: int,
+                max_batch: int) -> float:
+        """(Re)capture the decode graphs of this stage and pool; seconds taken."""
+        self.drop_graphs()
+        if self.device.type != "cuda" or not self.kernels:
+            return 0.0
+        self.graphs = DecodeGraphs(stage, kv, hidden_size, kv.dtype, max_blocks, max_batch)
+        total = self.graphs.capture()
+        self.capture_seconds = dict(self.graphs.capture_seconds)
+        return total
+
+    def drop_graphs(self) -> None:
+        """Before the stage or the KV pool goes away: a graph holds their addresses."""
+        self.graphs = None
+        self.capture_seconds = {}
+
+    def info(self) -> dict:
+        return {"graph_capture_s": sum(self.capture_seconds.values()),
+                "graph_capture_by_batch": dict(self.capture_seconds), "kernels": self.kernels,
+                **self.stats.to_dict()}
