@@ -17,6 +17,7 @@ from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import switch_shard
+from rempd.migrate.stage_shard import ShardStaging, stage_step
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.llama import LlamaStage
 from rempd.shm_store.store import WeightStore
@@ -66,6 +67,7 @@ class Worker:
         self.kv: torch.Tensor | None = None
         self.kv_shape: KVShape | None = None
         self.pending_sends: list[dist.Work] = []
+        self.staging: ShardStaging | None = None  # the target shard of a staged switch, built beside this one
 
     def _pin_store(self) -> bool:
         """Page-lock the weight store once, so host loads in a switch run at full PCIe speed.
@@ -179,6 +181,10 @@ class Worker:
                                                                  max_len)
         self.placement = plan.new
         return times
+
+    def staged(self, op: str, *args) -> object:
+        """One step of a staged switch, between serving steps; see rempd.migrate.stage_shard."""
+        return stage_step(self, op, *args)
 
     def measure_links(self, size_bytes: int = 32 << 20) -> dict:
         """Seconds to move `size_bytes` host store → device, within the device, and to a peer. All workers call
