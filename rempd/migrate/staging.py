@@ -32,8 +32,8 @@ class StagingOptions:
     chunk_bytes: int | None = None  # most bytes one worker moves between two steps; None: 256 MiB GPU, 64 KiB CPU
 
 
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
+def size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 class StagedSwitch:
@@ -120,7 +120,7 @@ class StagedSwitch:
             free = min(x for x in (room, self.memory_limit) if x is not None)
             if need > free:
                 what = "the staging limit allows" if free == self.memory_limit else "device memory has"
-                return f"staging needs {mib(need)} on worker {worker}; {what} {mib(free)}"
+                return f"staging needs {size(need)} on worker {worker}; {what} {size(free)}"
         needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
         if self.is_cuda and self.capacity - expected < needed:
             return (f"with pre-copied KV held, the new pool would have {self.capacity - expected} blocks, "
