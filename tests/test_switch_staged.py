@@ -131,7 +131,7 @@ def test_rempctl_metrics_and_history_show_the_pause_apart_from_the_total(daemon)
 
 
 def test_staging_memory_refused_falls_back_to_stop_the_world(checkpoints, start_daemon):
-    small = start_daemon(checkpoints["tiny-llama"], extra=["--staging-memory", "64KiB"])
+    small = start_daemon(checkpoints["tiny-llama"], workers=2, extra=["--staging-memory", "64KiB"])
     client = OpenAI(base_url=f"{small.base_url}/v1", api_key="none")
     expected = [client.completions.create(model=small.model_name, prompt=p, max_tokens=48, temperature=0,
                                           extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS[:2]]

@@ -82,7 +82,9 @@ class ShardStaging:
         """Peer weight pieces and the KV of `blocks` in one flattened transfer per peer pair, all done on return."""
         worker = self.worker
         packed = {}
-        if blocks:
+        if not blocks:
+            plan = replace(plan, kv=[])
+        else:
             ids = torch.tensor(blocks, dtype=torch.long, device=worker.device)
             packed = pack_kv(plan, self.me, self.old_shard, self.old_heads, worker.kv, ids)
         requests, weight_bufs, kv_bufs = post_exchange(
@@ -98,7 +100,7 @@ class ShardStaging:
 
     def chunk(self, weights: list[WeightPiece], blocks: list[int]) -> None:
         """Peer weight pieces, and a pre-copy of the KV of `blocks`, between two steps."""
-        plan = replace(self.plan, weights=weights, kv=self.plan.kv if blocks else [])
+        plan = replace(self.plan, weights=weights)
         packed, weight_bufs, kv_bufs = self._exchange(plan, blocks)
         for i, piece in enumerate(weights):
             if piece.dst == self.me:
