@@ -53,7 +53,7 @@ def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
 
 
 async def stream_through(daemon, targets: list[tuple[int, int]], mode: str = "staged", prompts: list[str] = PROMPTS,
-                         max_tokens: int = MAX_TOKENS):
+                         max_tokens: int = MAX_TOKENS, **extra):
     """Every prompt streams while the switches run one after another; returns texts, reports and token times."""
     client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
     chunks: list[list[str]] = [[] for _ in prompts]
@@ -73,7 +73,7 @@ async def stream_through(daemon, targets: list[tuple[int, int]], mode: str = "st
     with daemon.control() as ctl:
         ids = []
         for tp, pp in targets:
-            ids.append((await asyncio.to_thread(switch, ctl, tp, pp, mode=mode))["id"])
+            ids.append((await asyncio.to_thread(switch, ctl, tp, pp, mode=mode, **extra))["id"])
         texts = list(await asyncio.gather(*tasks))
         return texts, [ctl.get(f"/v1/switches/{i}").json() for i in ids], times
 
@@ -142,3 +142,16 @@ def test_staging_memory_refused_falls_back_to_stop_the_world(checkpoints, start_
     assert list(report["phases"]) == ["plan", "quiesce", "groups", "transform", "commit", "resume"]
     assert report["cut_seconds"] == pytest.approx(report["total_seconds"], rel=0.5)
     assert texts == expected
+
+
+@pytest.mark.parametrize("phase, kind", [("groups", "kill"), ("transform", "raise"), ("commit", "kill")])
+def test_a_fault_while_staging_or_in_the_cut_rolls_back_and_serving_goes_on(daemon, reference, phase, kind):
+    with daemon.control() as ctl:
+        switch(ctl, 2, 2, mode="stop_the_world")
+    texts, reports, _ = asyncio.run(stream_through(daemon, [(4, 1)], fault={"phase": phase, "kind": kind}))
+    assert (reports[0]["state"], reports[0]["mode"]) == ("rolled_back", "staged"), reports[0]
+    with daemon.control() as ctl:
+        status = ctl.get("/v1/status").json()
+    assert status["topology"] == {"tp": 2, "pp": 2}
+    assert all(w["state"] in ("active", "standby") for w in status["workers"])
+    assert texts == reference  # no request failed; recomputed ones give the same tokens
