@@ -144,7 +144,7 @@ def test_staging_memory_refused_falls_back_to_stop_the_world(checkpoints, start_
     assert texts == expected
 
 
-@pytest.mark.parametrize("phase, kind", [("groups", "kill"), ("transform", "raise"), ("commit", "kill")])
+@pytest.mark.parametrize("phase, kind", [("groups", "kill"), ("transform", "raise")])  # staging, then the cut
 def test_a_fault_while_staging_or_in_the_cut_rolls_back_and_serving_goes_on(daemon, reference, phase, kind):
     with daemon.control() as ctl:
         switch(ctl, 2, 2, mode="stop_the_world")

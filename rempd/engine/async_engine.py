@@ -165,8 +165,11 @@ class AsyncEngine:
             else:
                 self.staging = (staged, done)
 
-        started = asyncio.ensure_future(self.on_engine_thread(run))
-        started.add_done_callback(lambda f: f.exception() and not done.done() and done.set_exception(f.exception()))
+        def failed_to_start(started: asyncio.Future) -> None:
+            if not started.cancelled() and started.exception() is not None and not done.done():
+                done.set_exception(started.exception())
+
+        asyncio.ensure_future(self.on_engine_thread(run)).add_done_callback(failed_to_start)
         return report, asyncio.wrap_future(done)
 
     def _advance_staging(self) -> None:
