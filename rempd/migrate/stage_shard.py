@@ -181,7 +181,9 @@ class ShardStaging:
 
 def stage_step(worker, op: str, *args) -> object:
     """The worker's entry point for every step of a staged switch (Worker.staged)."""
-    if op == "room":  # bytes of device memory free for staging; None on CPU, where the driver's limit decides
+    # bytes of device memory free for staging (None on CPU, where the driver's limit decides). Staging borrows the
+    # headroom gpu_memory_utilization leaves; giving back free KV blocks of the old pool is not done yet.
+    if op == "room":
         if worker.device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(worker.device)
