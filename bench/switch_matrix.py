@@ -43,7 +43,7 @@ def control(socket_path: str) -> httpx.Client:
 
 def switch(ctl: httpx.Client, topology: str) -> dict:
     tp, pp = parse(topology)
-    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp})
+    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, "mode": "stop_the_world"})
     if response.status_code >= 400:
         return {"state": "refused", "error": response.json().get("error", {}).get("message")}
     switch_id = response.json()["id"]

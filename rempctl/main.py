@@ -59,12 +59,19 @@ def switch(
     tp: TpOption, pp: PpOption, placement: PlacementOption = None, as_json: JsonOption = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the switch id and return at once")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only, as `rempctl plan` does")] = False,
+    staged: Annotated[bool | None, typer.Option(
+        "--staged/--stop-the-world", show_default=False,
+        help="staged: prepare the new topology while the old one serves, then pause only for a short cut "
+             "(stop-the-world if staging cannot fit, as the report says); stop-the-world: pause for the whole "
+             "switch. Default: rempd's switch_mode, staged unless configured")] = None,
     socket: SocketOption = DEFAULT_SOCKET, timeout: TimeoutOption = 60.0,
 ) -> None:
     """Switch to TP×PP while serving, watching each phase; exits 0 once committed, 1 if it was not."""
     from rempctl import render
 
     target = _target(tp, pp, placement)
+    if staged is not None:
+        target["mode"] = "staged" if staged else "stop_the_world"
     report: dict[str, Any] | None = None
     try:
         with _errors(), ControlClient(socket, timeout) as client:

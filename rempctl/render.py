@@ -18,6 +18,7 @@ from rich.table import Table
 from rempd.protocol import StatusResponse, WorkerStatus
 
 PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")  # rempd.migrate.report.PHASES
+STAGED_PHASES = ("plan", "groups", "stage", "precopy", "quiesce", "delta", "commit", "resume")  # and STAGED_PHASES
 STATE_STYLE = {"serving": "green", "starting": "yellow", "recovering": "yellow", "draining": "yellow",
                "failed": "red", "active": "green", "standby": "cyan", "dead": "red", "restarting": "yellow",
                "committed": "green", "running": "yellow", "rolled_back": "red", "refused": "red"}
@@ -133,16 +134,20 @@ def bytes_table(by_source: dict[str, int]) -> Table:
     return table
 
 
+def phases_of(report: dict) -> tuple[str, ...]:
+    return STAGED_PHASES if report.get("mode") == "staged" else PHASES
+
+
 def phases_table(predicted: dict[str, float], measured: dict[str, float] | None = None, total: float | None = None,
                  detail: dict[str, float] | None = None, current: str | None = None,
-                 elapsed: float | None = None) -> Table:
+                 elapsed: float | None = None, phases: tuple[str, ...] = PHASES) -> Table:
     """Seconds per phase, measured (if given) beside predicted; `current` is the phase running now (live view)."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("phase")
     if measured is not None:
         table.add_column("measured", justify="right")
     table.add_column("predicted", justify="right")
-    for phase in PHASES:
+    for phase in phases:
         row: list[RenderableType] = [phase]
         if measured is not None:
             if phase in measured:
@@ -151,7 +156,7 @@ def phases_table(predicted: dict[str, float], measured: dict[str, float] | None 
                 row.append(Spinner("dots", text=seconds(elapsed), style="yellow"))
             else:
                 row.append("")
-        table.add_row(*row, seconds(predicted.get(phase)), end_section=phase == PHASES[-1])
+        table.add_row(*row, seconds(predicted.get(phase)), end_section=phase == phases[-1])
         if phase == "transform" and measured is not None:
             # the slowest worker's steps: where the transform's time went
             for step, value in (detail or {}).items():
@@ -167,36 +172,55 @@ def progress(report: dict, predicted: dict[str, float], elapsed: float, phase_el
     """The live view while a switch runs: finished phases with their times, a spinner on the current one."""
     title = f"switch {report['id']} from {report.get('source', '?')} to {target_of(report)}"
     return Group(title, phases_table(report.get("predicted") or predicted, report.get("phases") or {}, elapsed,
-                                     current=report.get("phase"), elapsed=phase_elapsed))
+                                     current=report.get("phase"), elapsed=phase_elapsed, phases=phases_of(report)))
 
 
 def print_report(report: dict, console: Console) -> None:
     state = report.get("state", "?")
     console.print(f"switch {report.get('id')} {_styled(state)} in {seconds(report.get('total_seconds'))}: "
                   f"from {report.get('source', '?')} to [bold]{target_of(report)}[/bold]")
+    console.print(mode_line(report))
     console.print(phases_table(report.get("predicted") or {}, report.get("phases") or {},
-                               report.get("total_seconds"), report.get("transform_detail")))
+                               report.get("total_seconds"), report.get("transform_detail"), phases=phases_of(report)))
     console.print(f"  KV blocks migrated {report.get('kv_blocks_migrated', 0)}    requests live "
                   f"{report.get('requests_live', 0)}    preempted {report.get('requests_preempted', 0)}")
-    if report.get("serving_pause_s") is not None:
-        console.print(f"  serving paused {seconds(report['serving_pause_s'])}")
+    if report.get("mode") == "staged":
+        console.print(f"  KV blocks pre-copied while serving {report.get('kv_blocks_precopied', 0)}, "
+                      f"sent at the cut {report.get('kv_blocks_delta', 0)}")
+    pause = report.get("serving_pause_s")
+    console.print(f"  [bold]serving pause[/bold] {seconds(pause) if pause is not None else 'not measured'} "
+                  f"(cut {seconds(report.get('cut_seconds'))}) of {seconds(report.get('total_seconds'))} in all")
     if report.get("bytes_by_source"):
         console.print(bytes_table(report["bytes_by_source"]))
     if report.get("error"):
         console.print(f"  [red]error: {escape(str(report['error']))}[/red]")
 
 
+def mode_line(report: dict) -> str:
+    """How the switch ran: staged (and how long the old topology served meanwhile), or stop-the-world and why."""
+    if report.get("mode") == "staged":
+        return f"  mode staged: prepared for {seconds(report.get('staging_seconds'))} while serving, then a cut"
+    reason = report.get("mode_reason")
+    return "  mode stop-the-world" + (f" [yellow](staging fell back: {escape(reason)})[/yellow]" if reason else "")
+
+
 def switches_table(reports: list[dict]) -> Table:
     """One row per switch; times in ms, without units, so that a dozen columns fit a terminal."""
     table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold",
-                  caption="times in ms", caption_justify="left")
-    for name in ("id", "switch", "state", "total", *PHASES, "KV blocks", "preempted", "placement"):
-        table.add_column(name, justify="left" if name in ("id", "switch", "state", "placement") else "right")
+                  caption="times in ms; pause: last token before the cut to the first after it, cut: the engine "
+                          "did not step; mode stop* = staging fell back", caption_justify="left")
+    for name in ("id", "switch", "state", "mode", "pause", "cut", "total", *PHASES, "KV blocks", "preempted",
+                 "placement"):
+        table.add_column(name, justify="left" if name in ("id", "switch", "state", "mode", "placement") else "right")
     for r in reports:
         phases = r.get("phases") or {}
         total = r.get("total_seconds") if r.get("state") != "running" else None
         source, target = (str(r.get(k, "?")).split(" on ")[0] for k in ("source", "target"))
-        table.add_row(str(r.get("id")), f"{source} → {target}", _styled(str(r.get("state"))), _ms(total),
+        mode = {"staged": "staged", "stop_the_world": "stop"}.get(r.get("mode", ""), "-")
+        if r.get("mode_reason"):
+            mode += "*"  # a staged request that fell back; the report says why
+        table.add_row(str(r.get("id")), f"{source} → {target}", _styled(str(r.get("state"))), mode,
+                      _ms(r.get("serving_pause_s")), _ms(r.get("cut_seconds")), _ms(total),
                       *[_ms(phases.get(p)) for p in PHASES], str(r.get("kv_blocks_migrated", 0)),
                       str(r.get("requests_preempted", 0)), target_of(r).partition(" on ")[2] or "-")
     return table

@@ -49,6 +49,9 @@ def serve(
     max_model_len: Annotated[Optional[int], _option("--max-model-len", key="max_model_len")] = None,
     block_size: Annotated[Optional[int], _option("--block-size", key="block_size")] = None,
     switch_round_bytes: Annotated[Optional[str], _option("--switch-round-bytes", key="switch_round_bytes")] = None,
+    switch_mode: Annotated[Optional[str], _option("--switch-mode", key="switch_mode")] = None,
+    staging_memory: Annotated[Optional[str], _option("--staging-memory", key="staging_memory")] = None,
+    staging_chunk_bytes: Annotated[Optional[str], _option("--staging-chunk-bytes", key="staging_chunk_bytes")] = None,
     drain_timeout: Annotated[Optional[float], _option("--drain-timeout", key="drain_timeout")] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help=f"TOML file with any of these options; flags override it (default {DEFAULT_CONFIG_PATH} "

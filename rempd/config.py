@@ -119,6 +119,13 @@ class DaemonConfig:
     block_size: int = _opt(16, _strict(int), "tokens per KV block")
     switch_round_bytes: int = _opt(1 << 30, parse_size, "a switch moves weights between devices in rounds of "
                                    "this size: smaller needs less memory beside the old and new shards")
+    switch_mode: str = _opt("staged", _strict(str), "how a switch runs unless its request says: staged (the old "
+                            "topology serves while the new one is prepared; stop-the-world if it cannot fit) or "
+                            "stop_the_world")
+    staging_memory: int | None = _opt(None, _optional(parse_size), "memory per worker a staged switch may use "
+                                      "(0: never stage); free device memory on GPUs, the KV budget on CPU if unset")
+    staging_chunk_bytes: int | None = _opt(None, _optional(parse_size), "most bytes a worker moves between two "
+                                           "steps while staging; 256MiB on GPUs, 64KiB on CPU if unset")
     drain_timeout: float = _opt(30.0, _strict(float), "seconds running requests may take to finish on SIGTERM")
 
     @classmethod
@@ -159,6 +166,8 @@ class DaemonConfig:
             problems.append("gpu_memory_utilization must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append("max_model_len must be at least 2")
+        if self.switch_mode not in ("staged", "stop_the_world"):
+            problems.append(f"switch_mode {self.switch_mode!r} is not staged or stop_the_world")
         if self.drain_timeout < 0:
             problems.append("drain_timeout cannot be negative")
         if not self.socket.startswith("/"):
@@ -179,7 +188,9 @@ class DaemonConfig:
             cpu_workers=self.cpu_workers, dtype=self.dtype, block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory, gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes)
+            max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes,
+            switch_mode=self.switch_mode, staging_memory=self.staging_memory,
+            staging_chunk_bytes=self.staging_chunk_bytes)
 
 
 def find_config_file(explicit: Path | None, default: Path = DEFAULT_CONFIG_PATH) -> Path | None:

@@ -74,7 +74,8 @@ class Daemon:
     def record_switch(self, report: Any) -> None:
         """A finished switch (a migrate.report.SwitchReport) into remp:topology_switch_*."""
         result = "ok" if report.state == "committed" else report.state  # rolled_back | refused | failed
-        self.metrics.record_switch(report.total_seconds, result)
+        cut = report.cut_seconds if report.state == "committed" else None
+        self.metrics.record_switch(report.total_seconds, result, cut, report.mode)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -81,7 +81,7 @@ def test_switch_commits_and_status_shows_the_new_topology(daemon):
 
 
 def test_switch_json_is_the_final_report(daemon):
-    result = rempctl(daemon, "switch", "--tp", "4", "--pp", "1", "--placement", "1,0,3,2", "--json")
+    result = rempctl(daemon, "switch", "--tp", "4", "--pp", "1", "--placement", "1,0,3,2", "--stop-the-world", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # nothing but the JSON on stdout: no progress lines
     assert report["state"] == "committed" and report["placement"] == [1, 0, 3, 2]

@@ -70,6 +70,7 @@ class Metrics:
         self.switch_duration = Histogram(SWITCH_BUCKETS)
         self.finished: dict[str, int] = {}
         self.switches: dict[str, int] = {}
+        self.switch_cut = {mode: Histogram(LATENCY_BUCKETS) for mode in ("staged", "stop_the_world")}
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -79,10 +80,14 @@ class Metrics:
         self.generation_tokens += completion_tokens
         self.e2e.observe(e2e_s)
 
-    def record_switch(self, duration_s: float, result: str = "ok") -> None:
-        """result: "ok", "rolled_back" or "failed" (the switch issue calls this)."""
+    def record_switch(self, duration_s: float, result: str = "ok", cut_s: float | None = None,
+                      mode: str = "stop_the_world") -> None:
+        """result: "ok", "rolled_back" or "failed"; cut_s: seconds the engine did not step (the serving pause a
+        committed switch caused), by the mode it ran in."""
         self.switches[result] = self.switches.get(result, 0) + 1
         self.switch_duration.observe(duration_s)
+        if cut_s is not None and mode in self.switch_cut:
+            self.switch_cut[mode].observe(cut_s)
 
     def families(self, engine: EngineView | None) -> Iterator[Family]:
         m = {"model_name": self.model_name}
@@ -101,6 +106,9 @@ class Metrics:
                      [({**m, "result": r}, n) for r, n in sorted(switches.items())])
         yield Family("remp:topology_switch_duration_seconds", "histogram", "Duration of a topology switch.",
                      [(m, self.switch_duration)])
+        yield Family("remp:topology_switch_pause_seconds", "histogram",
+                     "Serving pause of a committed switch: seconds the engine did not step (a staged switch's cut).",
+                     [({**m, "mode": mode}, h) for mode, h in self.switch_cut.items()])
         if engine is None:
             return
         stats = engine.stats()

@@ -31,6 +31,10 @@ class SwitchRequest(BaseModel):
     pp: int = Field(ge=1, le=256)
     placement: list[int] | None = Field(default=None, description="worker per (pp_rank, tp_rank); chosen if omitted")
     dry_run: bool = False
+    mode: str | None = Field(default=None, pattern="^(staged|stop_the_world)$", description=(
+        "staged: prepare the new topology while the old one serves, then a short cut (falls back to "
+        "stop_the_world when staging cannot fit); stop_the_world: pause serving for the whole switch. "
+        "Default: the daemon's switch_mode (staged unless configured)"))
     fault: Fault | None = None
 
     def target(self) -> Topology | Placement:
@@ -75,7 +79,7 @@ def add_switch_routes(app: FastAPI, engine_of: Callable[[], Any], on_switch: Cal
             return {"dry_run": True, "plan": planned}
         fault = (request.fault.phase, request.fault.kind) if request.fault else None
         try:
-            report, done = engine().start_switch(request.target(), fault)
+            report, done = engine().start_switch(request.target(), fault, request.mode)
         except SwitchInProgress as exc:
             raise APIError(409, str(exc), code="switch_in_progress", param=exc.switch_id) from exc
         systemd.reloading(f"switching to {report.target}")

@@ -7,6 +7,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -17,6 +18,7 @@ from rempd.engine.sampling_params import SamplingParams
 from rempd.migrate.predict import plan_summary, pool_bytes
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry
+from rempd.migrate.staging import StagedSwitch, StagingOptions
 from rempd.migrate.transaction import Fault, check_capacity, make_plan, new_groups
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
@@ -42,6 +44,8 @@ class AsyncEngine:
         self.is_failed = False  # recovery itself failed: the daemon must exit
         self.stopping = threading.Event()
         self.ids = itertools.count()
+        # a staged switch in progress, advanced between steps, and the future its caller waits on
+        self.staging: tuple[StagedSwitch, concurrent.futures.Future] | None = None
         self.thread = threading.Thread(target=self._run, name="remp-engine", daemon=True)
         self.thread.start()
 
@@ -140,31 +144,74 @@ class AsyncEngine:
         current = self.engine.switches[-1] if self.engine.switches else None
         return current if current is not None and not current.done else None
 
-    def start_switch(self, target: Topology | Placement, fault: Fault | None = None) -> tuple[SwitchReport, asyncio.Future]:
-        """Begin a switch; returns its report, updated live, and a future that resolves when it ends.
-        Raises SwitchInProgress while another one runs."""
+    def start_switch(self, target: Topology | Placement, fault: Fault | None = None,
+                     mode: str | None = None) -> tuple[SwitchReport, asyncio.Future]:
+        """Begin a switch, staged or stop-the-world (None: the engine's default); returns its report, updated
+        live, and a future that resolves when it ends. Raises SwitchInProgress while another one runs."""
         current = self.running_switch()
         if current is not None:
             raise SwitchInProgress(current.id)
         report = SwitchReport(id=f"sw-{len(self.engine.switches) + 1}", source=str(self.engine.placement),
                               target=str(target.topology if isinstance(target, Placement) else target))
         self.engine.switches.append(report)
+        done: concurrent.futures.Future = concurrent.futures.Future()
 
-        def run() -> SwitchReport:
-            self._emit(self.engine.switch(target, report, fault))
-            return report
-        return report, asyncio.ensure_future(self.on_engine_thread(run))
+        def run() -> None:
+            engine = self.engine
+            if (mode or engine.config.switch_mode) == "stop_the_world":
+                begun = time.perf_counter()
+                self._emit(engine.switch(target, report, fault))
+                report.cut_seconds = time.perf_counter() - begun  # the engine stepped at no point of it
+                done.set_result(report)
+                return
+            options = StagingOptions(engine.config.staging_memory, engine.config.staging_chunk_bytes)
+            staged = StagedSwitch(engine, target, report, engine.links, options, fault)
+            self._emit(staged.begin())
+            if staged.finished:
+                done.set_result(report)
+            else:
+                self.staging = (staged, done)
+
+        def failed_to_start(started: asyncio.Future) -> None:
+            if not started.cancelled() and started.exception() is not None and not done.done():
+                done.set_exception(started.exception())
+
+        asyncio.ensure_future(self.on_engine_thread(run)).add_done_callback(failed_to_start)
+        return report, asyncio.wrap_future(done)
+
+    def _advance_staging(self) -> None:
+        staged, done = self.staging
+        try:
+            self._emit(staged.advance())
+        except WorkerError as exc:  # the old topology failed a step
+            self.staging = None
+            log.error("worker failure while staging: %s", exc)
+            self._emit(self.engine.fail_all(f"request failed: {exc}".splitlines()[0]))
+            staged.abandon(f"worker failure while staging: {exc}".splitlines()[0])
+            done.set_result(staged.report)
+            self._recover()
+            return
+        except Exception as exc:  # noqa: BLE001 - failed after commit, or its rollback failed
+            self.staging = None
+            done.set_exception(exc)
+            self._recover()
+            return
+        if staged.finished:
+            self.staging = None
+            done.set_result(staged.report)
 
     def _run(self) -> None:
         engine = self.engine
         while not self.stopping.is_set():
             try:
-                timeout = None if engine.has_unfinished() else 0.1
+                timeout = None if engine.has_unfinished() or self.staging else 0.1
                 while True:
                     self._apply(self.commands.get(block=timeout is not None, timeout=timeout))
                     timeout = None
             except queue.Empty:
                 pass
+            if self.staging is not None:
+                self._advance_staging()
             if not engine.has_unfinished():
                 # idle: nothing would touch a dead worker, so look for one (at most every 0.1 s)
                 dead = [i for i, alive in enumerate(engine.pool.alive()) if not alive]
@@ -180,6 +227,11 @@ class AsyncEngine:
                 self._recover()
 
     def _recover(self) -> None:
+        if self.staging is not None:  # respawned workers hold nothing of what was staged
+            staged, done = self.staging
+            self.staging = None
+            staged.abandon("a worker failed while staging; the old topology was rebuilt")
+            done.set_result(staged.report)
         self.is_recovering = True
         try:
             self.engine.recover()

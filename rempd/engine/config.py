@@ -18,6 +18,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    switch_mode: str = "staged"  # how a switch runs unless its request says: staged | stop_the_world
+    staging_memory: int | None = None  # bytes per worker a staged switch may use; None: see StagingOptions
+    staging_chunk_bytes: int | None = None  # most bytes a worker moves between two steps while staging
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
     switch_round_bytes: int = 1 << 30  # peer transfers of a switch go in rounds of about this size
     attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"

@@ -5,6 +5,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")
+# a staged switch: plan and stage while the old topology serves, then the cut (quiesce, delta, commit, resume)
+STAGED_PHASES = ("plan", "groups", "stage", "precopy", "quiesce", "delta", "commit", "resume")
+MODES = ("staged", "stop_the_world")
 
 
 @dataclass
@@ -12,6 +15,8 @@ class SwitchReport:
     id: str
     source: str  # placement before, e.g. "TP2PP2 on [0,1] → [2,3]"
     target: str  # requested topology
+    mode: str = "stop_the_world"  # staged | stop_the_world: how it ran (a staged request may fall back)
+    mode_reason: str | None = None  # why a staged request ran stop-the-world
     state: str = "running"  # running | committed | rolled_back | refused | failed
     phase: str | None = None  # the phase now running
     placement: list[int] | None = None  # chosen placement of the target
@@ -24,6 +29,11 @@ class SwitchReport:
     requests_live: int = 0
     # seconds from the last token any request got before the switch to the first one after it (server side)
     serving_pause_s: float | None = None
+    # seconds the engine did not step: the cut of a staged switch; all of a stop-the-world one
+    cut_seconds: float | None = None
+    staging_seconds: float | None = None  # staged: from the plan to the cut, while the old topology served
+    kv_blocks_precopied: int = 0  # staged: blocks whose pre-copy held at the cut
+    kv_blocks_delta: int = 0  # staged: blocks sent at the cut
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     total_seconds: float = 0.0

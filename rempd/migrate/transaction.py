@@ -23,6 +23,15 @@ log = logging.getLogger("rempd.switch")
 Fault = tuple[str, str]  # (phase, "raise" | "kill" | "delay"): test-only fault injection
 
 
+def inject_fault(engine, phase: str, kind: str) -> None:
+    if kind == "kill":
+        os.kill(engine.pool.pids()[engine.placement.workers[-1]], signal.SIGKILL)
+    elif kind == "delay":
+        time.sleep(1.0)
+    else:
+        raise RuntimeError(f"injected fault in {phase}")
+
+
 class SwitchRefused(ValueError):
     """The target cannot run; nothing changed."""
 
@@ -79,12 +88,7 @@ class SwitchTransaction:
         self.on_phase(self.report)
         if self.fault and self.fault[0] == phase:
             kind, self.fault = self.fault[1], None
-            if kind == "kill":
-                os.kill(self.engine.pool.pids()[self.engine.placement.workers[-1]], signal.SIGKILL)
-            elif kind == "delay":
-                time.sleep(1.0)
-            else:
-                raise RuntimeError(f"injected fault in {phase}")
+            inject_fault(self.engine, phase, kind)
         return time.perf_counter()
 
     def _leave(self, phase: str, start: float) -> None:

@@ -16,6 +16,7 @@ from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import switch_shard, transform_bytes
+from rempd.migrate.stage_shard import ShardStaging, stage_step
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.llama import LlamaStage
 from rempd.model.weight_source import WeightSource
@@ -73,6 +74,7 @@ class Worker:
         self.kv_alloc_seconds = 0.0  # the last pool allocation, for plan's price of a new pool
         self.channel = StepChannel.attach(setup.step_channel) if setup.step_channel else None
         self.runner = StepRunner(self.device, use_kernels(setup.attention, self.device))
+        self.staging: ShardStaging | None = None  # the target shard of a staged switch, built beside this one
 
     def _pin_store(self) -> bool:
         """Page-lock the weight store once, so host loads in a switch run at full PCIe speed.
@@ -240,6 +242,10 @@ class Worker:
         self.placement = plan.new
         return times
 
+    def staged(self, op: str, *args) -> object:
+        """One step of a staged switch, between serving steps; see rempd.migrate.stage_shard."""
+        return stage_step(self, op, *args)
+
     def measure_links(self, size_bytes: int = 32 << 20) -> dict:
         """Seconds to move `size_bytes` host store → device, within the device, and to a peer. All workers call
         this together, which also makes every worker take part in the world group's first batched transfer,
@@ -300,8 +306,7 @@ class Worker:
                 "kv_blocks": 0 if self.kv is None else self.kv.shape[2],
                 "kv_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
                 "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds,
-                "kv_alloc_seconds": self.kv_alloc_seconds}
-                **self.runner.info()}
+                "kv_alloc_seconds": self.kv_alloc_seconds, **self.runner.info()}
 
     def shutdown(self) -> None:
         self.release()

@@ -1,0 +1,140 @@
+"""Staged vs stop-the-world switches under live streaming load, every ordered topology pair, in one daemon run.
+
+For each pair: serving pause (the longest gap between two tokens of any stream across the switch, client side,
+and the server's cut), total switch time, and TTFT / inter-token latency of requests while the new topology is
+staged, beside the same load on the source topology with no switch.
+
+python bench/staged_matrix.py --shape llama2-7b --devices 0,1,2,3 --out bench/results/staged_matrix_llama2-7b.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
+from switch_matrix import control, parse, start_daemon  # noqa: E402
+
+TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1"]
+
+
+def switch(ctl: httpx.Client, topology: str, mode: str) -> dict:
+    tp, pp = parse(topology)
+    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, "mode": mode})
+    if response.status_code >= 400:
+        return {"state": "refused", "error": response.json().get("error", {}).get("message")}
+    while (report := ctl.get(f"/v1/switches/{response.json()['id']}").json())["state"] == "running":
+        time.sleep(0.005)
+    return report
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else None
+
+
+def latency(streams: list[Stream], probes: list[Stream], window: tuple[float, float] | None) -> dict:
+    """ITL of the gaps that end inside `window` (all gaps when None), and TTFT of the probe requests."""
+    gaps = [g for s in streams for at, g in s.gaps() if window is None or window[0] <= at + g <= window[1]]
+    ttft = [p.ttft for p in probes if p.ttft is not None]
+    return {"itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+            "itl_mean_s": statistics.fmean(gaps) if gaps else None, "gaps": len(gaps),
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_max_s": max(ttft, default=None)}
+
+
+async def under_load(base: str, model: str, ctl: httpx.Client, target: str | None, mode: str, args) -> dict:
+    """`clients` streams; once each has a few tokens, a switch (or none), with `probes` new requests sent as it
+    starts, whose TTFT is measured while the new topology is being staged."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=args.clients + args.probes + 4)) as http:
+        live = [Stream(f"Request {i}: the quick brown fox jumps over the lazy dog. " * (1 + i % 4))
+                for i in range(args.clients)]
+        tasks = [asyncio.create_task(stream_completion(http, base, model, s.prompt, args.max_tokens, stream=s))
+                 for s in live]
+        begin = time.perf_counter()
+        while time.perf_counter() - begin < 300 and not (
+                all(len(s.token_times) >= 4 for s in live) or any(t.done() for t in tasks)):
+            await asyncio.sleep(0.002)
+        probes = [Stream(f"Probe {i}: a new request arrives while the switch runs.") for i in range(args.probes)]
+        start = time.perf_counter()
+        probe_tasks = [asyncio.create_task(stream_completion(http, base, model, p.prompt, 8, stream=p))
+                       for p in probes]
+        report = await asyncio.to_thread(switch, ctl, target, mode) if target else {}
+        end = time.perf_counter()
+        streams = await asyncio.gather(*tasks, *probe_tasks)
+    report = {k: report.get(k) for k in ("state", "mode", "mode_reason", "error", "phases", "total_seconds",
+                                         "cut_seconds", "staging_seconds", "serving_pause_s", "kv_blocks_precopied",
+                                         "kv_blocks_delta", "requests_preempted")} if target else {}
+    staging = report.get("staging_seconds")
+    window = (start, start + staging) if staging else (start, end)
+    report["client_pause_s"] = serving_pause(streams[:len(live)], start, end)
+    report["while_switching"] = latency(streams[:len(live)], probes, window if target else None)
+    report["failed_requests"] = sum(1 for s in streams if s.error or s.finish_reason != "length")
+    return report
+
+
+async def run(model: Path, args) -> dict:
+    results: dict = {"shape": args.shape, "devices": args.devices, "cells": [], "baselines": {}}
+    port, base = 18100, "http://127.0.0.1:18100"
+    topologies = args.topologies.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = f"{tmp}/rempd.sock"
+        daemon = start_daemon(model, args.devices, topologies[0], port, sock, [], Path(args.out).with_suffix(".log"))
+        try:
+            results["startup_s"] = await wait_healthy(base, 1800)
+            ctl = control(sock)
+            for src in topologies:
+                if switch(ctl, src, "stop_the_world").get("state") not in ("committed", None):
+                    continue
+                results["baselines"][src] = await under_load(base, args.shape, ctl, None, "", args)
+                for dst in topologies:
+                    if dst == src:
+                        continue
+                    cell = {"source": src, "target": dst}
+                    for mode in ("staged", "stop_the_world"):
+                        switch(ctl, src, "stop_the_world")
+                        cell[mode] = await under_load(base, args.shape, ctl, dst, mode, args)
+                    results["cells"].append(cell)
+                    s, w = cell["staged"], cell["stop_the_world"]
+                    print(f"{src:>7} → {dst:<7} staged[{s.get('mode')}] pause {s['client_pause_s']:.3f} cut "
+                          f"{s.get('cut_seconds')} total {s.get('total_seconds')} | stop-the-world pause "
+                          f"{w['client_pause_s']:.3f} total {w.get('total_seconds')} | ITL p50 staging "
+                          f"{s['while_switching']['itl_p50_s']} vs none {results['baselines'][src]['while_switching']['itl_p50_s']}"
+                          f" {s.get('mode_reason') or ''}", flush=True)
+                    Path(args.out).write_text(json.dumps(results, indent=1))
+        finally:
+            daemon.terminate()
+            daemon.wait(120)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", required=True)
+    ap.add_argument("--devices", default="0,1,2,3")
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    ap.add_argument("--checkpoints", default="/tmp/remp-checkpoints")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--probes", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    model = Path(args.checkpoints) / args.shape
+    if not (model / "config.json").exists():
+        from rempd.model.make_checkpoint import make_checkpoint
+        make_checkpoint(args.shape, model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(run(model, args))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

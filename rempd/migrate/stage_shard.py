@@ -1,0 +1,211 @@
+"""A worker's part of a staged switch: build the target shard beside the live one, hold pre-copied KV, and at
+the cut take the delta, free the old shard and install the new one.
+
+Host-store loads and copies of rows this worker already holds need no peer, so a background thread does them
+(on CUDA on a side stream) while the worker keeps executing steps. Peer transfers are collective, so they run
+in chunks the driver sends between steps, in the same order on every worker, like the steps themselves."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import replace
+
+import torch
+
+from rempd.migrate.plan import SwitchPlan, WeightPiece
+from rempd.migrate.reshard import PieceKey, ReshardTimes, pack_kv, post_round
+from rempd.migrate.shards import shard_of
+
+
+def prepare_fast_path(worker, stage) -> None:
+    """Hook for the engine-speed work (rempd/worker_pool/cuda_graphs.py): capture the new stage's decode graphs
+    here, while the old topology still serves. Graphs that bake in the KV pool's address must instead be
+    captured at the cut, or read the pool through a stable buffer."""
+
+
+class ShardStaging:
+    def __init__(self, worker, plan: SwitchPlan, block_size: int, max_len: int):
+        self.worker, self.plan, self.block_size, self.max_len = worker, plan, block_size, max_len
+        cfg, me = worker.setup.model, worker.setup.index
+        self.me = me
+        self.old_shard, self.new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
+        geo = worker.geometry
+        self.old_heads = geo.kv_heads(self.old_shard) if self.old_shard else None
+        self.old_weights = worker.stage.named_weights() if worker.stage is not None else {}
+        self.old_rows = geo.holdings(self.old_shard) if self.old_shard else {}
+        self.new_rows = geo.holdings(self.new_shard) if self.new_shard else {}
+        self.rows = {name: torch.empty(b - a, *self._row_shape(name), dtype=worker.dtype, device=worker.device)
+                     for name, (a, b) in self.new_rows.items()}
+        self.precopy: list[dict[int, torch.Tensor]] = []  # per chunk: KV piece index → [layers, 2, n, ...]
+        self.stage = None
+        self.times = ReshardTimes()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
+        self.thread.start()
+
+    def _row_shape(self, name: str) -> tuple:
+        return tuple(self.worker.store.entry(name).shape[1:])
+
+    def _target(self, piece: WeightPiece) -> torch.Tensor:
+        start = self.new_rows[piece.name][0]
+        return self.rows[piece.name][piece.start - start:piece.stop - start]
+
+    def _load_local(self) -> None:
+        """Rows from the host store and rows this worker holds already: no peer takes part."""
+        worker = self.worker
+        side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
+        try:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for piece in self.plan.weights:
+                    if piece.dst != self.me or piece.source == "peer":
+                        continue
+                    if piece.src is None:
+                        rows = worker.store.rows(piece.name, piece.start, piece.stop)
+                        self._target(piece).copy_(rows, non_blocking=side is not None)
+                    else:
+                        start = self.old_rows[piece.name][0]
+                        self._target(piece).copy_(self.old_weights[piece.name][piece.start - start:piece.stop - start])
+            if side is not None:
+                side.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - raised on the RPC thread by build()
+            self.error = exc
+
+    def _kv_shape_of(self, num_blocks: int):
+        cfg = self.worker.setup.model
+
+        def shape(i: int) -> tuple:
+            piece = self.plan.kv[i]
+            return (len(piece.layers), 2, num_blocks, self.block_size, len(piece.heads), cfg.head_dim)
+        return shape
+
+    def _exchange(self, plan: SwitchPlan, blocks: list[int]) -> tuple[dict, dict[PieceKey, torch.Tensor]]:
+        """Peer weight pieces and the KV of `blocks` in one flattened transfer per peer pair, all done on return."""
+        worker = self.worker
+        packed = {}
+        if not blocks:
+            plan = replace(plan, kv=[])
+        else:
+            ids = torch.tensor(blocks, dtype=torch.long, device=worker.device)
+            packed = pack_kv(plan, self.me, self.old_shard, self.old_heads, worker.kv, ids)
+        keys = [("w", i) for i, p in enumerate(plan.weights) if p.source == "peer"]
+        keys += [("kv", i) for i, p in enumerate(plan.kv) if p.source == "peer"]
+        requests, received = post_round(plan, keys, self.me, self.old_weights, self.old_rows, packed,
+                                        self._kv_shape_of(len(blocks)), self._row_shape, worker.dtype,
+                                        worker.device, self.times, worker.world)
+        for request in requests:
+            request.wait()
+        return packed, received
+
+    def _received_kv(self, packed: dict, received: dict[PieceKey, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {i: packed[i] if piece.src == self.me else received[("kv", i)]
+                for i, piece in enumerate(self.plan.kv) if piece.dst == self.me}
+
+    def chunk(self, weights: list[WeightPiece], blocks: list[int]) -> None:
+        """Peer weight pieces, and a pre-copy of the KV of `blocks`, between two steps."""
+        plan = replace(self.plan, weights=weights)
+        packed, received = self._exchange(plan, blocks)
+        for i, piece in enumerate(weights):
+            if piece.dst == self.me:
+                self._target(piece).copy_(received[("w", i)])
+        if blocks:
+            self.precopy.append(self._received_kv(packed, received))
+
+    def build(self) -> None:
+        """The new stage from the staged rows, once every row is in; its groups were built before."""
+        from rempd.model.layers import TensorParallel
+        from rempd.model.llama import LlamaStage
+        from rempd.model.weight_source import WeightSource
+
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"staging the target's weights failed: {self.error}") from self.error
+        shard, worker = self.new_shard, self.worker
+        if shard is None:
+            return
+
+        def fill(name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
+            assert rows == self.new_rows[name], (name, rows)
+            out.copy_(self.rows.pop(name))
+
+        members = self.plan.new.tp_group(shard.pp_rank)
+        tp = TensorParallel(shard.tp, shard.tp_rank, worker.groups.get(members), members)
+        source = WeightSource(fill, self._row_shape, worker.dtype, worker.device)
+        self.stage = LlamaStage(worker.setup.model, shard.layers, shard.is_first, shard.is_last, tp, source,
+                                self.max_len, worker.device)
+        prepare_fast_path(worker, self.stage)
+
+    def cut(self, delta_old: list[int], delta_new: list[int], precopied: dict[int, tuple[list[int], list[int]]],
+            num_blocks: int) -> dict:
+        """Send the delta, drop the old shard and pool, and install the new stage with a pool of `num_blocks`."""
+        from rempd.engine.kv_cache import KVShape
+        from rempd.topology import kv_heads_per_rank
+
+        worker, dev = self.worker, self.worker.device
+        worker._wait_sends()
+        worker.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
+        plan = replace(self.plan, weights=[])
+        packed, received = self._exchange(plan, delta_old)
+        delta = self._received_kv(packed, received) if delta_old else {}
+        self.old_weights.clear()
+        worker.stage = worker.kv = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        kv = kv_shape = None
+        shard = self.new_shard
+        if shard is not None:
+            cfg = worker.setup.model
+            kv_shape = KVShape(len(shard.layers), self.block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
+                               cfg.head_dim, worker.dtype)
+            kv = kv_shape.allocate(num_blocks, dev)
+            heads = worker.geometry.kv_heads(shard)
+
+            def put(i: int, data: torch.Tensor, new_ids: list[int]) -> None:
+                piece = self.plan.kv[i]
+                l0, h0 = piece.layers.start - shard.layers.start, piece.heads.start - heads.start
+                ids = torch.tensor(new_ids, dtype=torch.long, device=dev)
+                kv[l0:l0 + len(piece.layers), :, ids, :, h0:h0 + len(piece.heads)] = data
+
+            for chunk, (positions, new_ids) in precopied.items():
+                where = torch.tensor(positions, dtype=torch.long, device=dev)
+                for i, data in self.precopy[chunk].items():
+                    put(i, data.index_select(2, where), new_ids)
+            for i, data in delta.items():
+                put(i, data, delta_new)
+        self.precopy.clear()
+        worker.stage, worker.kv, worker.kv_shape, worker.placement = self.stage, kv, kv_shape, self.plan.new
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return {"bytes_sent": self.times.bytes_sent, "bytes_received": self.times.bytes_received}
+
+    def abort(self) -> None:
+        self.thread.join()
+        self.rows.clear()
+        self.precopy.clear()
+        self.stage = None
+
+
+def stage_step(worker, op: str, *args) -> object:
+    """The worker's entry point for every step of a staged switch (Worker.staged)."""
+    # bytes of device memory free for staging (None on CPU, where the driver's limit decides). Staging borrows the
+    # headroom gpu_memory_utilization leaves; giving back free KV blocks of the old pool is not done yet.
+    if op == "room":
+        if worker.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(worker.device)
+        return max(0, free - (1 << 30))
+    if op == "begin":
+        worker.staging = ShardStaging(worker, *args)
+        return None
+    staging: ShardStaging | None = worker.staging
+    if staging is None:
+        if op == "abort":
+            return None
+        raise RuntimeError(f"no staged switch to {op}")
+    if op == "chunk":
+        return staging.chunk(*args)
+    if op == "build":
+        return staging.build()
+    if op in ("cut", "abort"):
+        worker.staging = None
+        return staging.cut(*args) if op == "cut" else staging.abort()
+    raise ValueError(f"unknown staging step {op!r}")

@@ -1,0 +1,278 @@
+"""A staged switch: the target's groups and shards are built, and live KV pre-copied, between the steps of the
+old topology, which keeps serving; the cut then quiesces, sends only the KV written since (the delta) and
+commits. When the workers have no memory to stage in, it runs the stop-the-world transaction and says why."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+
+from rempd.engine.block_manager import BlockManager
+from rempd.migrate.delta import CutLayout, PrecopyLedger
+from rempd.migrate.plan import SwitchPlan, WeightPiece
+from rempd.migrate.predict import LinkSpeeds
+from rempd.migrate.report import SwitchReport
+from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.migrate.transaction import (Fault, SwitchRefused, SwitchTransaction, check_capacity, inject_fault,
+                                      make_plan, tp_member_sets)
+from rempd.topology import Placement, Topology, kv_heads_per_rank
+from rempd.worker_pool.pool import WorkerError
+
+log = logging.getLogger("rempd.switch")
+FAULT_PHASES = {"transform": "delta"}  # a fault aimed at stop-the-world's transform hits the staged delta
+MAX_PRECOPY_ROUNDS = 64  # the cut comes after this many KV chunks even if decoding outruns the pre-copy
+GROWTH = 1.25  # live KV grows while staging: room for a quarter more
+
+
+@dataclass(frozen=True)
+class StagingOptions:
+    memory_limit: int | None = None  # bytes a worker may stage in; None: free device memory, or on CPU the KV budget
+    chunk_bytes: int | None = None  # most bytes one worker moves between two steps; None: 256 MiB GPU, 64 KiB CPU
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+class StagedSwitch:
+    def __init__(self, engine, target: Topology | Placement, report: SwitchReport, links: LinkSpeeds,
+                 options: StagingOptions, fault: Fault | None = None):
+        self.engine, self.target, self.report, self.links = engine, target, report, links
+        self.requested_fault = fault
+        self.fault = (FAULT_PHASES.get(fault[0], fault[0]), fault[1]) if fault else None
+        self.is_cuda = engine.devices[0].startswith("cuda")
+        self.chunk_bytes = options.chunk_bytes or ((256 << 20) if self.is_cuda else (64 << 10))
+        self.memory_limit = options.memory_limit
+        if self.memory_limit is None and not self.is_cuda:
+            self.memory_limit = engine.config.kv_cache_memory
+        self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
+        self.ledger = PrecopyLedger(engine.config.block_size)
+        self.tasks: deque[tuple] = deque()
+        self.plan: SwitchPlan | None = None
+        self.old = engine.placement
+        self.capacity = 0
+        self.precopy_rounds = 0
+        self.finished = self.committed = False
+        self.begun = time.perf_counter()
+
+    # ---- phases, timed as the seconds the engine thread spent in them (staging ones add up across steps)
+    def _enter(self, phase: str) -> float:
+        self.report.phase = phase
+        if self.fault and self.fault[0] == phase:
+            inject_fault(self.engine, phase, self.fault[1])
+            self.fault = None
+        return time.perf_counter()
+
+    def _leave(self, phase: str, start: float) -> None:
+        self.report.phases[phase] = self.report.phases.get(phase, 0.0) + time.perf_counter() - start
+
+    @property
+    def involved(self) -> list[int]:
+        return sorted(set(self.old.workers) | set(self.plan.new.workers))
+
+    def begin(self) -> list:
+        """Plan, check that staging fits, and start loading the target's weights; or fall back."""
+        engine, report = self.engine, self.report
+        report.mode = "staged"
+        try:
+            start = self._enter("plan")
+            self.plan = make_plan(engine, self.target)
+            self.capacity = check_capacity(engine, self.plan)
+            report.placement, report.bytes_by_source = list(self.plan.new.workers), self.plan.bytes_by_source
+            reason = self._unfit()
+            self._leave("plan", start)
+            if reason is not None:
+                return self._stop_the_world(reason)
+            engine.pool.call("staged", "begin", self.plan, engine.config.block_size, engine.max_model_len,
+                             workers=self.involved)
+            self.tasks = deque([("groups",), *(("weights", c) for c in self._weight_chunks()), ("build",)])
+        except SwitchRefused as exc:
+            report.state, report.error = "refused", str(exc)
+            self._finish()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+        return []
+
+    def _stop_the_world(self, reason: str) -> list:
+        log.info("switch %s runs stop-the-world: %s", self.report.id, reason)
+        self.report.mode, self.report.mode_reason = "stop_the_world", reason
+        self.report.phases.clear()
+        transaction = SwitchTransaction(self.engine, self.target, self.report, self.links, self.requested_fault)
+        transaction.run()
+        self.report.cut_seconds = self.report.total_seconds = time.perf_counter() - self.begun
+        self.finished = True
+        return transaction.outputs
+
+    def _unfit(self) -> str | None:
+        """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one chunk in
+        flight must fit in each new worker's free memory (and the staging limit)."""
+        engine, cfg, plan = self.engine, self.engine.model_config, self.plan
+        live = sum(len(s.block_table) for s in engine.scheduler.running)
+        expected = math.ceil(live * GROWTH) + len(engine.scheduler.running)
+        if self.memory_limit == 0:
+            return "staging memory is off (staging_memory = 0)"
+        rooms = engine.pool.call("staged", "room", workers=list(plan.new.workers))
+        for worker, room in zip(plan.new.workers, rooms):
+            shard = shard_of(cfg, plan.new, worker)
+            need = self.geo.weight_bytes(shard) + expected * self._kv_block_bytes(shard) + self.chunk_bytes
+            free = min(x for x in (room, self.memory_limit) if x is not None)
+            if need > free:
+                what = "the staging limit allows" if free == self.memory_limit else "device memory has"
+                return f"staging needs {size(need)} on worker {worker}; {what} {size(free)}"
+        needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
+        if self.is_cuda and self.capacity - expected < needed:
+            return (f"with pre-copied KV held, the new pool would have {self.capacity - expected} blocks, "
+                    f"{needed} needed for one {engine.max_model_len}-token sequence")
+        return None
+
+    def _kv_block_bytes(self, shard) -> int:
+        heads = kv_heads_per_rank(self.engine.model_config.num_kv_heads, shard.tp)
+        return len(shard.layers) * heads * self.geo.kv_bytes_per_block_head_layer(self.engine.config.block_size)
+
+    def _weight_chunks(self) -> list[list[WeightPiece]]:
+        """Peer weight pieces, split by rows so that no worker sends or receives more than a chunk at a time."""
+        chunks, current, load = [], [], {}
+        for piece in self.plan.weights:
+            if piece.source != "peer":
+                continue
+            row = piece.nbytes // (piece.stop - piece.start)
+            step = max(1, self.chunk_bytes // max(1, row))
+            for a in range(piece.start, piece.stop, step):
+                part = replace(piece, start=a, stop=min(piece.stop, a + step))
+                part = replace(part, nbytes=(part.stop - part.start) * row)
+                if current and max(load.get(part.src, 0), load.get(part.dst, 0)) + part.nbytes > self.chunk_bytes:
+                    chunks.append(current)
+                    current, load = [], {}
+                current.append(part)
+                for w in (part.src, part.dst):
+                    load[w] = load.get(w, 0) + part.nbytes
+        return chunks + ([current] if current else [])
+
+    def _blocks_per_chunk(self) -> int:
+        cfg = self.engine.model_config
+        per_block = max(self._kv_block_bytes(s) for p in (self.old, self.plan.new)
+                        for w in p.workers if (s := shard_of(cfg, p, w)) is not None)
+        return max(1, self.chunk_bytes // per_block)
+
+    def advance(self) -> list:
+        """One bounded piece of staging between two steps, or the cut once staging is done. A failing step of
+        the old topology raises here (WorkerError) for the engine loop to handle as it does any step."""
+        outputs = self.engine.quiesce()  # the workers answer in order: steps in flight first
+        if outputs:
+            self.engine.last_output_at = time.perf_counter()
+        try:
+            if self.tasks:
+                self._run(*self.tasks.popleft())
+                return outputs
+            running = self.engine.scheduler.running
+            per_chunk = self._blocks_per_chunk()
+            if len(self.ledger.pending(running)) > per_chunk // 2 and self.precopy_rounds < MAX_PRECOPY_ROUNDS:
+                start = self._enter("precopy")
+                blocks = self.ledger.next_chunk(running, per_chunk)
+                self.engine.pool.call("staged", "chunk", [], blocks, workers=self.involved)
+                self.precopy_rounds += 1
+                self._leave("precopy", start)
+                return outputs
+            return outputs + self._cut()
+        except Exception as exc:  # noqa: BLE001 - rolls back below, or re-raises after commit
+            self._fail(exc)
+            return outputs
+
+    def _run(self, kind: str, *args) -> None:
+        engine = self.engine
+        if kind == "groups":
+            start = self._enter("groups")
+            engine.pool.call("prepare_groups", self.plan.new)
+            engine.built_groups |= tp_member_sets(self.plan.new)
+            self._leave("groups", start)
+            return
+        start = self._enter("stage")
+        if kind == "weights":
+            engine.pool.call("staged", "chunk", args[0], [], workers=self.involved)
+        else:
+            engine.pool.call("staged", "build", workers=self.involved)
+        self._leave("stage", start)
+
+    def _cut(self) -> list:
+        engine, report = self.engine, self.report
+        cut = start = self._enter("quiesce")
+        report.staging_seconds = cut - self.begun
+        outputs = engine.quiesce()
+        live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
+        num_blocks = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)  # buffers held on device
+        while sum(len(s.block_table) for s in live) > num_blocks:
+            engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
+            report.requests_preempted += 1
+        layout = self.ledger.layout(live)
+        report.requests_live = len(live)
+        report.kv_blocks_precopied, report.kv_blocks_delta = layout.num_precopied, len(layout.delta_old)
+        report.kv_blocks_migrated = layout.num_precopied + len(layout.delta_old)
+        self._leave("quiesce", start)
+
+        start = self._enter("delta")
+        engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
+                         workers=self.involved)
+        self._leave("delta", start)
+
+        start = self._enter("commit")
+        self._commit(layout, live, num_blocks)
+        self._leave("commit", start)
+        start = self._enter("resume")
+        self._leave("resume", start)
+        report.state = "committed"
+        report.cut_seconds = time.perf_counter() - cut
+        if outputs:
+            engine.last_output_at = time.perf_counter()
+        if live:
+            engine.pause_report = report  # closed by the first tokens after the cut
+        self._finish()
+        return outputs
+
+    def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
+        engine = self.engine
+        for seq, table in zip(live, layout.new_tables):
+            seq.block_table = table
+        blocks = BlockManager(num_blocks, engine.config.block_size)
+        blocks.free_blocks = deque(range(sum(len(t) for t in layout.new_tables), num_blocks))
+        engine.scheduler.blocks = blocks
+        engine.placement = self.plan.new
+        self.report.transform_detail["graph_capture"] = engine.warm_up()  # graphs bake in the new pool's address
+        self.committed = True
+
+    def _fail(self, exc: Exception) -> None:
+        """Back to the old topology. Before the cut the workers still serve it untouched: drop what was staged.
+        Once the cut's transfer began, rebuild it from the store (live requests recompute); a worker failure
+        respawns every worker, as in the stop-the-world transaction."""
+        engine, report = self.engine, self.report
+        report.error = f"{report.phase}: {exc}".splitlines()[0]
+        if self.committed:
+            self._finish()
+            raise exc
+        log.warning("staged switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
+        try:
+            if isinstance(exc, WorkerError):
+                engine.placement = self.old
+                engine.recover()
+            elif report.phase in ("delta", "commit"):
+                engine.preempt_all()
+                engine.install(self.old)
+            elif self.plan is not None:
+                engine.pool.call("staged", "abort", workers=self.involved)
+            report.state = "rolled_back"
+        except Exception as again:  # noqa: BLE001
+            report.state, report.error = "failed", f"{report.error}; rollback failed: {again}"
+            self._finish()
+            raise
+        self._finish()
+
+    def abandon(self, reason: str) -> None:
+        """The workers were respawned under the switch (a failure while serving): nothing staged is left."""
+        self.report.state, self.report.error = "rolled_back", reason
+        self._finish()
+
+    def _finish(self) -> None:
+        self.report.phase = None
+        self.report.total_seconds = time.perf_counter() - self.begun
+        self.finished = True

@@ -1,0 +1,157 @@
+"""Staged switches of a real rempd (4 gloo workers): the new topology is prepared while the old one streams, then a
+short cut. Outputs must equal those of no switch; a staging limit too small for the target falls back, and says so."""
+import asyncio
+import time
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
+PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i % 3 + 1) for i in range(8)]
+MAX_TOKENS = 320  # long enough that every stream lives through five switches
+
+
+def every_ordered_pair() -> list[tuple[int, int]]:
+    """An Euler circuit of the complete directed graph on TOPOLOGIES: each ordered pair once, as one chain."""
+    unused = {a: [b for b in TOPOLOGIES if b != a] for a in TOPOLOGIES}
+    stack, circuit = [TOPOLOGIES[0]], []
+    while stack:
+        if unused[stack[-1]]:
+            stack.append(unused[stack[-1]].pop())
+        else:
+            circuit.append(stack.pop())
+    return circuit[::-1]
+
+
+@pytest.fixture(scope="module")
+def daemon(faulty_daemon):
+    return faulty_daemon
+
+
+@pytest.fixture(scope="module")
+def reference(daemon):
+    """Greedy completions with no switch, all in one batch."""
+    client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
+
+    async def one(prompt: str) -> str:
+        answer = await client.completions.create(model=daemon.model_name, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+        return answer.choices[0].text
+
+    async def every() -> list[str]:
+        return list(await asyncio.gather(*map(one, PROMPTS)))
+    return asyncio.run(every())
+
+
+def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
+    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, **extra})
+    assert response.status_code == 202, response.text
+    while (report := ctl.get(f"/v1/switches/{response.json()['id']}").json())["state"] == "running":
+        time.sleep(0.01)
+    return report
+
+
+async def stream_through(daemon, targets: list[tuple[int, int]], mode: str = "staged", prompts: list[str] = PROMPTS,
+                         max_tokens: int = MAX_TOKENS, **extra):
+    """Every prompt streams while the switches run one after another; returns texts, reports and token times."""
+    client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
+    chunks: list[list[str]] = [[] for _ in prompts]
+    times: list[float] = []
+
+    async def one(i: int) -> str:
+        stream = await client.completions.create(model=daemon.model_name, prompt=prompts[i], max_tokens=max_tokens,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        async for event in stream:
+            chunks[i].append(event.choices[0].text)
+            times.append(time.time())
+        return "".join(chunks[i])
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
+    while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
+        await asyncio.sleep(0.005)
+    with daemon.control() as ctl:
+        ids = []
+        for tp, pp in targets:
+            ids.append((await asyncio.to_thread(switch, ctl, tp, pp, mode=mode, **extra))["id"])
+        texts = list(await asyncio.gather(*tasks))
+        return texts, [ctl.get(f"/v1/switches/{i}").json() for i in ids], times
+
+
+def test_every_ordered_pair_staged_keeps_streams_token_identical(daemon, reference):
+    chain = every_ordered_pair()
+    with daemon.control() as ctl:
+        assert switch(ctl, *chain[0], mode="stop_the_world")["state"] == "committed"
+        preempted = ctl.get("/v1/status").json()["num_preempted"]
+    seen = set()
+    for start in range(0, len(chain) - 1, 5):  # five switches per batch of streams
+        legs = chain[start:start + 6]
+        texts, reports, times = asyncio.run(stream_through(daemon, legs[1:]))
+        assert texts == reference, legs
+        for (src, dst), r in zip(zip(legs, legs[1:]), reports):
+            seen.add((src, dst))
+            assert (r["state"], r["mode"], r["mode_reason"]) == ("committed", "staged", None), r
+            assert r["requests_live"] == len(PROMPTS) and r["requests_preempted"] == 0, r
+            assert r["kv_blocks_precopied"] > 0 and r["kv_blocks_delta"] < r["kv_blocks_migrated"], r
+            assert 0 < r["cut_seconds"] < r["total_seconds"] and r["staging_seconds"] > 0, r
+            staging = (r["started_at"], r["started_at"] + r["staging_seconds"])
+            assert sum(staging[0] <= t <= staging[1] for t in times) > 0, "no token while staging"
+    assert len(seen) == 30
+    with daemon.control() as ctl:
+        assert ctl.get("/v1/status").json()["num_preempted"] == preempted  # no KV was recomputed
+
+
+def test_rempctl_metrics_and_history_show_the_pause_apart_from_the_total(daemon):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "220"}
+
+    def rempctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rempctl", *args, "--socket", daemon.socket], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    staged = json.loads(rempctl("switch", "--tp", "2", "--pp", "2", "--staged", "--json").stdout)
+    assert (staged["state"], staged["mode"]) == ("committed", "staged")
+    assert list(staged["phases"]) == ["plan", "groups", "stage", "quiesce", "delta", "commit", "resume"]  # idle
+    stopped = rempctl("switch", "--tp", "4", "--pp", "1", "--stop-the-world")
+    assert stopped.returncode == 0 and "mode stop-the-world" in stopped.stdout and "serving pause" in stopped.stdout
+    shown = rempctl("switch", "--tp", "1", "--pp", "2")  # rempd's default: staged
+    assert shown.returncode == 0 and "mode staged" in shown.stdout and "(cut " in shown.stdout, shown.stdout
+    table = rempctl("switches")
+    for expected in ("mode", "pause", "cut", "staged", "stop"):
+        assert expected in table.stdout, expected
+    metrics = httpx.get(f"{daemon.base_url}/metrics").text
+    counts = {mode: float(line.split()[-1]) for line in metrics.splitlines()
+              for mode in ("staged", "stop_the_world")
+              if line.startswith("remp:topology_switch_pause_seconds_count") and f'mode="{mode}"' in line}
+    assert counts["staged"] >= 2 and counts["stop_the_world"] >= 1, counts
+
+
+def test_staging_memory_refused_falls_back_to_stop_the_world(checkpoints, start_daemon):
+    small = start_daemon(checkpoints["tiny-llama"], workers=2, extra=["--staging-memory", "64KiB"])
+    client = OpenAI(base_url=f"{small.base_url}/v1", api_key="none")
+    expected = [client.completions.create(model=small.model_name, prompt=p, max_tokens=48, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS[:2]]
+    texts, reports, _ = asyncio.run(stream_through(small, [(2, 1)], prompts=PROMPTS[:2], max_tokens=48))
+    report = reports[0]
+    assert (report["state"], report["mode"]) == ("committed", "stop_the_world"), report
+    assert "staging needs" in report["mode_reason"] and "the staging limit allows 64.0 KiB" in report["mode_reason"]
+    assert list(report["phases"]) == ["plan", "quiesce", "groups", "transform", "commit", "resume"]
+    assert report["cut_seconds"] == pytest.approx(report["total_seconds"], rel=0.5)
+    assert texts == expected
+
+
+@pytest.mark.parametrize("phase, kind", [("groups", "kill"), ("transform", "raise")])  # staging, then the cut
+def test_a_fault_while_staging_or_in_the_cut_rolls_back_and_serving_goes_on(daemon, reference, phase, kind):
+    with daemon.control() as ctl:
+        switch(ctl, 2, 2, mode="stop_the_world")
+    texts, reports, _ = asyncio.run(stream_through(daemon, [(4, 1)], fault={"phase": phase, "kind": kind}))
+    assert (reports[0]["state"], reports[0]["mode"]) == ("rolled_back", "staged"), reports[0]
+    with daemon.control() as ctl:
+        status = ctl.get("/v1/status").json()
+    assert status["topology"] == {"tp": 2, "pp": 2}
+    assert all(w["state"] in ("active", "standby") for w in status["workers"])
+    assert texts == reference  # no request failed; recomputed ones give the same tokens
