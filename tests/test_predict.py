@@ -44,7 +44,7 @@ def test_new_pool_groups_and_fixed_cost_are_priced():
     assert pool == 32 * 8 * 1000 * 16 * 128 * 2 * 2
     links = LinkSpeeds(**{**LINKS.to_dict(), "alloc_gbps": 500.0, "fixed_seconds": 0.25})
     priced = predict(p, links, new_groups=2, new_pool_bytes=pool)
-    assert priced["transform"] - base["transform"] == pytest.approx(pool / 500e9 + 0.25)
+    assert priced["transform"] - base["transform"] == pytest.approx(2 * pool / 500e9 + 0.25)
     assert priced["groups"] - base["groups"] == pytest.approx(2 * 0.2)
 
 

@@ -19,7 +19,7 @@ from rempd.migrate.predict import plan_summary, pool_bytes
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry
 from rempd.migrate.staging import StagedSwitch, StagingOptions
-from rempd.migrate.transaction import Fault, check_capacity, make_plan, new_groups
+from rempd.migrate.transaction import Fault, check_capacity, choose_pool, make_plan, new_groups
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 
@@ -134,10 +134,10 @@ class AsyncEngine:
         def run() -> dict:
             engine = self.engine
             plan = make_plan(engine, target)
-            num_blocks = check_capacity(engine, plan)
+            num_blocks, kept = choose_pool(engine, plan, check_capacity(engine, plan))
             geo = ModelGeometry(engine.model_config, engine.template.dtype)
-            return plan_summary(plan, engine.links, new_groups(engine, plan),
-                                pool_bytes(geo, plan, num_blocks, engine.config.block_size))
+            fresh_pool = 0 if kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
+            return plan_summary(plan, engine.links, new_groups(engine, plan), fresh_pool) | {"kv_pool_kept": kept}
         return await self.on_engine_thread(run)
 
     def running_switch(self) -> SwitchReport | None:

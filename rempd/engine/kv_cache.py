@@ -20,8 +20,15 @@ class KVShape:
         return self.local_layers * 2 * self.block_size * self.local_kv_heads * self.head_dim * elem
 
     def allocate(self, num_blocks: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros(self.local_layers, 2, num_blocks, self.block_size, self.local_kv_heads,
-                           self.head_dim, dtype=self.dtype, device=device)
+        """Raw bytes for a pool of `num_blocks`; `view` gives them this shape (and a later one, another)."""
+        return torch.zeros(num_blocks * self.bytes_per_block, dtype=torch.uint8, device=device)
+
+    def view(self, buffer: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        pool = buffer[:num_blocks * self.bytes_per_block].view(self.dtype)
+        return pool.view(self.local_layers, 2, num_blocks, self.block_size, self.local_kv_heads, self.head_dim)
+
+    def blocks_in(self, buffer: torch.Tensor) -> int:
+        return buffer.numel() // self.bytes_per_block
 
 
 def kv_budget_bytes(device: torch.device, cpu_bytes: int, gpu_memory_utilization: float,

@@ -15,7 +15,7 @@ class LinkSpeeds:
     local_gbps: float  # copy within one device, GB/s
     group_seconds: float = 0.0  # building one new communication group
     rpc_seconds: float = 0.0  # one driver → all workers round trip
-    alloc_gbps: float = 0.0  # allocating and zeroing a KV pool, GB/s (0: not priced)
+    alloc_gbps: float = 0.0  # allocating and zeroing a KV pool, GB/s (0: not priced); freeing one costs as much
     # what a switch costs beyond moving bytes (Python, freeing memory, building the stage), measured by a
     # switch onto the same placement at start-up and refined by every committed switch
     fixed_seconds: float = 0.0
@@ -58,7 +58,7 @@ def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_b
         overlapped = max(moved["host"] / (links.host_gbps * gb), moved["peer"] / (links.peer_gbps * gb))
         transform = max(transform, overlapped + moved["stay"] / (links.local_gbps * gb))
     if links.alloc_gbps:
-        transform += new_pool_bytes / (links.alloc_gbps * gb)
+        transform += 2 * new_pool_bytes / (links.alloc_gbps * gb)
     phases = {
         "plan": links.rpc_seconds,
         "quiesce": links.rpc_seconds,

@@ -27,6 +27,7 @@ class SwitchReport:
     kv_blocks_migrated: int = 0
     requests_preempted: int = 0
     requests_live: int = 0
+    kv_pool_kept: bool | None = None  # the pools' memory was viewed in the new shape, not freed and allocated
     # seconds from the last token any request got before the switch to the first one after it (server side)
     serving_pause_s: float | None = None
     # seconds the engine did not step: the cut of a staged switch; all of a stop-the-world one

@@ -165,7 +165,9 @@ class Clock:
 def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
                  max_len: int, round_bytes: int = ROUND_BYTES) -> tuple:
     """Run the transform on `worker` (a rempd.worker_pool.worker.Worker); returns its new
-    (stage, kv, kv_shape, report). The old pool is freed before the new one is allocated."""
+    (stage, kv, kv_shape, report). When the pool's memory holds `num_blocks` of the new shape and the transfers fit
+    beside it, the new pool is a new view of the same bytes; otherwise the old pool is freed before the new one
+    is allocated, so the two never coexist."""
     from rempd.engine.kv_cache import KVShape
     from rempd.model.layers import TensorParallel
     from rempd.model.llama import LlamaStage
@@ -181,10 +183,12 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
     packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
     clock.mark("kv_pack")
-    worker.kv = None
-    if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory
-        torch.cuda.empty_cache()
-    clock.mark("kv_free")
+    reuse = worker.reusable_blocks(plan, block_size, round_bytes) >= num_blocks > 0
+    if not reuse:
+        worker.drop_pool()
+        if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory
+            torch.cuda.empty_cache()
+        clock.mark("kv_free")
 
     old_weights = worker.stage.named_weights() if worker.stage is not None else {}
     old_rows = geo.holdings(old_shard) if old_shard else {}
@@ -233,16 +237,18 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     clock.mark("exchange")
     old_weights.clear()  # drop the views, so the old tensors can go
     worker.stage = None  # the old shard's tensors go once every peer has read them
-    if dev.type == "cuda":
+    if not reuse and dev.type == "cuda":  # a kept pool stays where it is; freed weights stay cached for the next
         torch.cuda.empty_cache()
-    clock.mark("weights_free")
+        clock.mark("weights_free")
     kv = kv_shape = None
     if new_shard is not None:
         kv_shape = KVShape(len(new_shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, new_shard.tp),
                            cfg.head_dim, dtype)
-        kv = kv_shape.allocate(num_blocks, dev)
+        # live blocks were packed out above, so the kept bytes may be overwritten
+        kv = kv_shape.view(worker.kv_buffer, num_blocks) if reuse else worker.new_pool(kv_shape, num_blocks)
         clock.mark("kv_alloc")
         install_kv(plan, me, new_shard, geo.kv_heads(new_shard), kv, packed, received_kv, len(live_blocks))
     clock.mark("kv_install")
-    report = {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received}
+    report = {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received,
+              "pool_reused": reuse}
     return stage, kv, kv_shape, report

@@ -147,7 +147,8 @@ class ShardStaging:
         packed, received = self._exchange(plan, delta_old)
         delta = self._received_kv(packed, received) if delta_old else {}
         self.old_weights.clear()
-        worker.stage = worker.kv = None
+        worker.stage = None
+        worker.drop_pool()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         kv = kv_shape = None
@@ -156,7 +157,7 @@ class ShardStaging:
             cfg = worker.setup.model
             kv_shape = KVShape(len(shard.layers), self.block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
                                cfg.head_dim, worker.dtype)
-            kv = kv_shape.allocate(num_blocks, dev)
+            kv = worker.new_pool(kv_shape, num_blocks)
             heads = worker.geometry.kv_heads(shard)
 
             def put(i: int, data: torch.Tensor, new_ids: list[int]) -> None:

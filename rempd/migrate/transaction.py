@@ -66,6 +66,20 @@ def check_capacity(engine, plan: SwitchPlan) -> int:
     return num_blocks
 
 
+REUSE_SHARE = 0.9  # a switch keeps the pools' memory if that costs at most a tenth of the KV capacity
+
+
+def choose_pool(engine, plan: SwitchPlan, fresh_blocks: int) -> tuple[int, bool]:
+    """(blocks, kept): keep every new worker's pool memory, viewed in the new shape (nothing freed, allocated or
+    zeroed), when it holds nearly what a fresh pool would; else size a fresh pool."""
+    config = engine.config
+    kept = min(engine.pool.call("reusable_blocks", plan, config.block_size, config.switch_round_bytes,
+                                workers=list(plan.new.workers)))
+    if kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh_blocks):
+        return kept, True
+    return fresh_blocks, False
+
+
 def tp_member_sets(placement: Placement) -> set[tuple[int, ...]]:
     return {tuple(sorted(placement.tp_group(p))) for p in range(placement.topology.pp)} - {()}
 
@@ -102,7 +116,7 @@ class SwitchTransaction:
         try:
             start = self._enter("plan")
             plan = make_plan(engine, self.target)
-            num_blocks = check_capacity(engine, plan)
+            num_blocks, report.kv_pool_kept = choose_pool(engine, plan, check_capacity(engine, plan))
             self._leave("plan", start)
 
             start = self._enter("quiesce")
@@ -113,9 +127,9 @@ class SwitchTransaction:
                 report.requests_preempted += 1
             plan = make_plan(engine, plan.new)  # the live KV is final now
             report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
-            report.predicted = predict(plan, self.links, new_groups(engine, plan),
-                                       pool_bytes(ModelGeometry(engine.model_config, engine.template.dtype), plan,
-                                                  num_blocks, engine.config.block_size))
+            geo = ModelGeometry(engine.model_config, engine.template.dtype)
+            fresh_pool = 0 if report.kv_pool_kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
+            report.predicted = predict(plan, self.links, new_groups(engine, plan), fresh_pool)
             report.requests_live = len(live)
             self._leave("quiesce", start)
 

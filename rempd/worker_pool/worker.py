@@ -69,6 +69,7 @@ class Worker:
         self.placement: Placement | None = None
         self.stage: LlamaStage | None = None
         self.kv: torch.Tensor | None = None
+        self.kv_buffer: torch.Tensor | None = None  # the pool's raw bytes: a switch may view them in a new shape
         self.kv_shape: KVShape | None = None
         self.pending_sends: list[dist.Work] = []
         self.kv_alloc_seconds = 0.0  # the last pool allocation, for plan's price of a new pool
@@ -121,14 +122,14 @@ class Worker:
     def allocate_kv(self, num_blocks: int) -> None:
         if self.kv_shape is not None:
             start = time.perf_counter()
-            self.kv = self.kv_shape.allocate(num_blocks, self.device)
+            self.kv = self.new_pool(self.kv_shape, num_blocks)
             self._sync()
             self.kv_alloc_seconds = time.perf_counter() - start
 
     def release(self) -> None:
         self._wait_sends()
         self.runner.drop_graphs()
-        self.stage = self.kv = self.kv_shape = None
+        self.stage = self.kv = self.kv_shape = self.kv_buffer = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -173,6 +174,30 @@ class Worker:
             held = self.info()
             budget += held["kv_bytes"] + held["weight_bytes"] - self.geometry.weight_bytes(shard)
         return budget // shape.bytes_per_block
+
+    def new_pool(self, shape: KVShape, num_blocks: int) -> torch.Tensor:
+        self.kv_buffer = shape.allocate(num_blocks, self.device)
+        return shape.view(self.kv_buffer, num_blocks)
+
+    def drop_pool(self) -> None:
+        self.kv = self.kv_buffer = None
+
+    def reusable_blocks(self, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
+        """Blocks of the target's shape that this worker's pool memory holds, if the switch can keep that memory
+        (the new shard and the transfers fit beside it): no free, allocation or zeroing of the pool. 0 if not."""
+        shard = shard_of(self.setup.model, plan.new, self.setup.index)
+        if shard is None or self.kv_buffer is None:
+            return 0
+        cfg = self.setup.model
+        shape = KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
+                        cfg.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            needed = transform_bytes(plan, self.setup.index, self.geometry.weight_bytes(shard), round_bytes)
+            if free + cached - (1 << 30) < needed:
+                return 0
+        return shape.blocks_in(self.kv_buffer)
 
     def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> int | None:
         """Bytes this device has left at the transform's peak, when old and new shards coexist (negative: it
