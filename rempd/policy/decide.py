@@ -15,7 +15,7 @@ Rules, in order (each decision's reason names the one that settled it):
      predicted switch time (calibrated by past switches): a paused second costs one SLO unit, spread
      over the horizon the new topology will serve;
    - no return: a topology left less than memory_s ago is entered again only once the load has moved
-     by return_band from where it was left, unless the current one measurably breaks the SLO.
+     by return_band from where it was left (noise around one load cannot make the policy flap).
 """
 from __future__ import annotations
 
@@ -126,8 +126,7 @@ class Policy:
         else:
             worse = max(here.score, measured if measured is not None else 0.0,
                         1.0 if obs.kv_usage >= c.kv_full else 0.0)
-            here.cost += worse - here.score
-            here.score = worse
+            here.score, here.cost = worse, worse + c.device_cost * devices_of(current)
         enterable = [x for x in ranked if x.enterable and x is not here]
         pool = enterable + [here] if enterable else ranked
         best = min(pool, key=lambda x: (x.cost, -x.ceiling, x is not here))
@@ -148,8 +147,7 @@ class Policy:
             return decision("hold", f"dwell: {c.dwell_s - (now - self.last_switch_at):.1f} s left before "
                                     f"{current} may be left for {best.topology}")
         left = self.left.get(best.topology)
-        breaking = measured is not None and measured > 1 + c.hysteresis
-        if left is not None and now - left[0] < c.memory_s and not breaking:
+        if left is not None and now - left[0] < c.memory_s:
             at, left_load = left
             if abs(load - left_load) < c.return_band * left_load:
                 return decision("hold", f"no return: {best.topology} was left {now - at:.0f} s ago at load "

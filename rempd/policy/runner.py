@@ -87,6 +87,8 @@ class PolicyRunner:
             return
         current = self.current()
         self.learn(now, current, obs)
+        if not self.profiles.topologies:
+            return  # nothing to compare with until `rempctl profile` has run
         candidates = self.candidates()
         costs = await self.switch_costs(current, candidates)
         decision = self.policy.decide(now, current, obs, self.profiles, [c for c in candidates if c in costs]
@@ -208,7 +210,7 @@ class PolicyRunner:
                 "sweep": self.sweep.to_dict()}
 
     def status(self) -> dict:
-        last = self.decisions[-1] if self.decisions else None
+        last = self.last.to_dict() | {"time": time.time()} if self.last else None
         return {"mode": self.config.mode, "slo_ttft": self.policy.config.slo_ttft,
                 "slo_itl": self.policy.config.slo_itl, "load": round(self.last.load, 4) if self.last else None,
                 "profiled": sorted(self.profiles.topologies),
