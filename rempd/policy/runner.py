@@ -166,8 +166,10 @@ class PolicyRunner:
         entry = decision.to_dict() | {"time": time.time(), "mode": self.config.mode}
         self.decisions.append(entry)
         self.counts[decision.action] = self.counts.get(decision.action, 0) + 1
-        acting = "" if self.config.mode == "auto" or decision.action == "stay" else " (manual mode: advice only)"
-        log.info("policy %s%s: %s", decision.action, acting, decision.reason)
+        if self.config.mode == "auto":
+            log.info("policy %s: %s", decision.action, decision.reason)
+        else:  # advice nobody acts on: kept for `rempctl policy show`, not pushed into the journal
+            log.debug("policy advice %s: %s", decision.action, decision.reason)
 
     def start_switch(self, now: float, decision: Decision) -> None:
         tp, pp = decision.target.removeprefix("TP").split("PP")
