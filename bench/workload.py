@@ -174,7 +174,12 @@ class Control:
     def wait_ready(self, timeout: float = 1800.0) -> None:
         """Until rempd has started (the policy answers only once the engine is up)."""
         deadline = time.monotonic() + timeout
-        while self.http.get("/v1/policy").status_code == 503:
+        while True:
+            try:
+                if self.http.get("/v1/policy").status_code != 503:
+                    return
+            except httpx.TransportError:  # no socket yet
+                pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rempd not ready after {timeout} s")
             time.sleep(0.5)
@@ -210,13 +215,22 @@ def run_modes(args: argparse.Namespace) -> dict:
     modes = args.modes.split(",")
     fixed = [m for m in modes if m != "auto"]
     if args.profile:
-        ctl.call("POST", "/v1/profile", {"topologies": fixed or None, "concurrency": [1, 4, 16, 32],
-                                         "requests": 32, "prompt_tokens": args.prompt_tokens,
+        ctl.call("POST", "/v1/profile", {"topologies": fixed or None, "concurrency": [1, 8, 32],
+                                         "requests": 8, "prompt_tokens": args.prompt_tokens,
                                          "output_tokens": args.output_tokens})
         while (sweep := ctl.call("GET", "/v1/profile"))["state"] == "running":
             time.sleep(1)
         print(f"profile sweep {sweep['state']} in {sweep['seconds']:.0f} s", flush=True)
     peak = peak_from_profiles(ctl, fixed) if args.peak_rate == "profile" else float(args.peak_rate)
+    if "profile" in (args.slo_ttft, args.slo_itl):
+        # k × the best latency any of these topologies showed at its lightest load: objectives this engine can meet
+        tops = ctl.call("GET", "/v1/profile")["profiles"]["topologies"]
+        lightest = [min(tops[t]["points"], key=lambda p: p["rate"]) for t in fixed if t in tops]
+        if args.slo_ttft == "profile":
+            args.slo_ttft = round(5 * min(p["ttft"] for p in lightest), 4)
+        if args.slo_itl == "profile":
+            args.slo_itl = round(2 * min(p["itl"] for p in lightest), 4)
+    args.slo_ttft, args.slo_itl = float(args.slo_ttft), float(args.slo_itl)
     phases = schedule(args.schedule, peak, args.duration)
     prompt = Lengths(args.prompt_tokens, args.length_sigma, 1, 4 * args.prompt_tokens)
     output = Lengths(args.output_tokens, args.length_sigma, 2, 4 * args.output_tokens)
@@ -301,8 +315,8 @@ def main() -> None:
     run.add_argument("--peak-rate", default="profile", help="requests/s at the peak, or 'profile' (from ceilings)")
     run.add_argument("--duration", type=float, default=120.0, help="seconds of the whole schedule, per mode")
     run.add_argument("--length-sigma", type=float, default=0.5, help="log-normal sigma of the lengths (0: fixed)")
-    run.add_argument("--slo-ttft", type=float, default=1.0)
-    run.add_argument("--slo-itl", type=float, default=0.1)
+    run.add_argument("--slo-ttft", default="1.0", help="seconds, or 'profile': 5× the best light-load TTFT p90")
+    run.add_argument("--slo-itl", default="0.1", help="seconds, or 'profile': 2× the best light-load ITL p90")
     run.add_argument("--profile", action="store_true", help="run `rempctl profile` on the fixed topologies first")
     run.add_argument("--keep-records", action="store_true", help="every request in the JSON")
     run.add_argument("--plot", default=None, help="PNG of the per-phase figures (needs matplotlib)")
