@@ -113,8 +113,6 @@ class PolicyRunner:
     async def switch_costs(self, current: str, candidates: list[str]) -> dict[str, float]:
         """Predicted seconds of a switch to each candidate (the plan's figure, scaled by how past switches
         compared with their predictions); candidates the plan refuses are left out."""
-        from rempd.topology import Topology as T
-
         now, costs, ratio = time.monotonic(), {}, self.calibration()
         for name in candidates:
             if name == current:
@@ -123,7 +121,7 @@ class PolicyRunner:
             if cached is None or now - cached[1] > PLAN_REFRESH_S:
                 tp, pp = name.removeprefix("TP").split("PP")
                 try:
-                    summary = await self.engine.plan(T(int(tp), int(pp)))
+                    summary = await self.engine.plan(Topology(int(tp), int(pp)))
                     cached = (float(summary["predicted"]["total"]), now)
                 except Exception as exc:  # SwitchRefused: it does not fit, say, so it is no candidate
                     log.debug("no plan %s → %s: %s", current, name, exc)
