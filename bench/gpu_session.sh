@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
-# Writes logs and JSON under $OUT. Usage on the device tool: bash bench/gpu_session.sh tests|matrix|restart|decode|staged
+# Writes logs and JSON under $OUT. Usage: bash bench/gpu_session.sh tests|matrix|restart|decode|staged|workload ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -31,5 +31,17 @@ for step in "$@"; do
         timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;
+    workload)  # fixed TP4PP1, TP2PP2, TP1PP4 vs auto over one day-shaped schedule (issue #6); about 8 minutes
+        SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE
+        [ -f "$CK/config.json" ] || python3 -m rempd make-checkpoint --shape "$SHAPE" --out "$CK"
+        python3 -m rempd serve --model "$CK" --devices 0,1,2,3 --tp 4 --pp 1 --port 18100 --socket /tmp/wl.sock \
+            --state-dir "$OUT/state" --policy-window 8 --policy-dwell 12 --policy-interval 0.5 \
+            --policy-topologies TP4PP1,TP2PP2,TP1PP4 > "$OUT/workload_rempd.log" 2>&1 &
+        RPID=$!
+        timeout "${LIMIT:-450}" python3 bench/workload.py run --url http://127.0.0.1:18100 --socket /tmp/wl.sock \
+            --model "$SHAPE" --modes TP4PP1,TP2PP2,TP1PP4,auto --profile --peak-rate profile \
+            --slo-ttft profile --slo-itl profile --duration "${DURATION:-56}" --prompt-tokens 256 --output-tokens 64 \
+            --out "$OUT/workload_$SHAPE.json" --plot "$OUT/workload_$SHAPE.png" 2>&1 | tee "$OUT/workload.log" | tail -40
+        kill -TERM $RPID; wait $RPID ;;
     esac
 done

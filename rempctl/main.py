@@ -204,3 +204,13 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def main() -> None:
     app()
+
+
+def _add_policy_commands() -> None:
+    from rempctl.policy_cli import policy_app, profile
+
+    app.add_typer(policy_app, name="policy")
+    app.command("profile")(profile)
+
+
+_add_policy_commands()

@@ -46,6 +46,10 @@ def print_status(status: StatusResponse, console: Console) -> None:
                   f"{status.num_preempted} preempted since start")
     console.print(f"  KV cache   {status.kv_blocks_used}/{status.kv_blocks_total} blocks ({status.kv_usage:.1%})"
                   f"    worker recoveries {status.num_recoveries}")
+    if status.policy is not None:
+        from rempctl.policy_render import status_line
+
+        console.print(status_line(status.policy))
     if status.workers:
         console.print(workers_table(status.workers))
 

@@ -53,6 +53,17 @@ def serve(
     staging_memory: Annotated[Optional[str], _option("--staging-memory", key="staging_memory")] = None,
     staging_chunk_bytes: Annotated[Optional[str], _option("--staging-chunk-bytes", key="staging_chunk_bytes")] = None,
     drain_timeout: Annotated[Optional[float], _option("--drain-timeout", key="drain_timeout")] = None,
+    state_dir: Annotated[Optional[str], _option("--state-dir", key="state_dir")] = None,
+    policy: Annotated[Optional[str], _option("--policy", key="policy")] = None,
+    slo_ttft: Annotated[Optional[float], _option("--slo-ttft", key="slo_ttft")] = None,
+    slo_itl: Annotated[Optional[float], _option("--slo-itl", key="slo_itl")] = None,
+    policy_window: Annotated[Optional[float], _option("--policy-window", key="policy_window")] = None,
+    policy_dwell: Annotated[Optional[float], _option("--policy-dwell", key="policy_dwell")] = None,
+    policy_interval: Annotated[Optional[float], _option("--policy-interval", key="policy_interval")] = None,
+    policy_hysteresis: Annotated[Optional[float], _option("--policy-hysteresis", key="policy_hysteresis")] = None,
+    policy_topologies: Annotated[Optional[str], _option("--policy-topologies", key="policy_topologies")] = None,
+    policy_learn: Annotated[Optional[bool], typer.Option("--policy-learn/--no-policy-learn", help=_help("policy_learn"),
+                                                         show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help=f"TOML file with any of these options; flags override it (default {DEFAULT_CONFIG_PATH} "
                          "when present)")] = None,

@@ -17,6 +17,7 @@ from rempd.engine.config import EngineConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/remp/rempd.toml")
 DEFAULT_SOCKET = "/run/remp/rempd.sock"
+DEFAULT_STATE_DIR = "/var/lib/remp"  # systemd's StateDirectory=remp
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -85,6 +86,35 @@ def _group(value: Any) -> str:
     raise ValueError(f"{value!r} is not a group name or gid")
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _topologies(value: Any) -> list[str]:
+    """"TP4PP1,TP2PP2" or a list of such names → normalised names."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{value!r} is not a list of topologies such as TP4PP1,TP2PP2")
+    names = []
+    for item in items:
+        match = re.fullmatch(r"TP(\d+)PP(\d+)", str(item).strip().upper())
+        if not match or int(match[1]) < 1 or int(match[2]) < 1:
+            raise ValueError(f"{item!r} is not a topology such as TP2PP2")
+        names.append(f"TP{int(match[1])}PP{int(match[2])}")
+    return names
+
+
+def _positive(value: Any) -> float:
+    number = _strict(float)(value)
+    if not number > 0:
+        raise ValueError(f"{value!r} must be greater than 0")
+    return number
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else parse(value)
 
@@ -127,6 +157,17 @@ class DaemonConfig:
     staging_chunk_bytes: int | None = _opt(None, _optional(parse_size), "most bytes a worker moves between two "
                                            "steps while staging; 256MiB on GPUs, 64KiB on CPU if unset")
     drain_timeout: float = _opt(30.0, _strict(float), "seconds running requests may take to finish on SIGTERM")
+    state_dir: str = _opt(DEFAULT_STATE_DIR, _strict(str), "where rempd keeps state (profiles/ per model and devices)")
+    policy: str = _opt("manual", _strict(str), "topology policy at start: manual, or auto (needs profiles)")
+    slo_ttft: float = _opt(1.0, _positive, "policy objective: p90 time to first token, seconds")
+    slo_itl: float = _opt(0.1, _positive, "policy objective: p90 inter-token latency, seconds")
+    policy_window: float = _opt(30.0, _positive, "seconds of observations the policy looks at")
+    policy_dwell: float = _opt(60.0, _positive, "least seconds between two switches the policy starts")
+    policy_interval: float = _opt(1.0, _positive, "seconds between two policy decisions")
+    policy_hysteresis: float = _opt(0.1, _strict(float), "gain (in SLO units) a switch must bring beyond its cost")
+    policy_topologies: list[str] | None = _opt(None, _optional(_topologies),
+                                               "topologies the policy may choose, e.g. TP4PP1,TP1PP4; all if unset")
+    policy_learn: bool = _opt(True, _bool, "refine profiles from what is observed while serving")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -172,6 +213,10 @@ class DaemonConfig:
             problems.append("drain_timeout cannot be negative")
         if not self.socket.startswith("/"):
             problems.append(f"socket {self.socket!r} must be an absolute path")
+        if self.policy not in ("manual", "auto"):
+            problems.append(f"policy {self.policy!r} is not manual or auto")
+        if self.policy_hysteresis < 0:
+            problems.append("policy_hysteresis cannot be negative")
         if self.api_key == "":
             problems.append("api_key is empty")
         if problems:

@@ -152,12 +152,26 @@ class Daemon:
         systemd.ready(self.summary(engine))
         log.info("serving %s on http://%s:%d", model_name, host, port)
         monitor = asyncio.create_task(self.monitor(engine))
+        policy = asyncio.create_task(self.run_policy(engine))
         await self.stop.wait()
         monitor.cancel()
+        policy.cancel()
         await self.drain()
         self.serving.should_exit = True
         await serving_task
         await self.shutdown_engine(engine)
+
+    async def run_policy(self, engine: Any) -> None:
+        """The topology policy (rempd/policy): observes always, switches on its own in `auto` mode."""
+        from rempd.api.switching import launch_switch
+        from rempd.policy.setup import has_policy_surface, make_runner
+
+        if not has_policy_surface(engine):
+            return
+        runner = self.life.policy = make_runner(self.config, self.life.model_name or "")
+        self.metrics.observations = runner.log
+        self.metrics.sources.append(runner.families)
+        await runner.run(engine, lambda eng, target: launch_switch(eng, target, self.record_switch))
 
     async def drain(self) -> None:
         if self.life.state != "failed":

@@ -73,6 +73,25 @@ class WorkerStatus(Message):
 
 
 @dataclass
+class PolicyDecision(Message):
+    time: float  # wall clock
+    action: Literal["stay", "hold", "switch"]
+    current: str
+    target: str | None
+    reason: str
+
+
+@dataclass
+class PolicyStatus(Message):
+    mode: Literal["auto", "manual"]
+    slo_ttft: float
+    slo_itl: float
+    load: float | None = None  # requests/s of the profiles' shape, as the policy last saw it
+    profiled: list[str] = field(default_factory=list)
+    decision: PolicyDecision | None = None  # the latest distinct decision
+
+
+@dataclass
 class StatusResponse(Message):
     api_version: int
     version: str  # rempd's package version
@@ -92,6 +111,7 @@ class StatusResponse(Message):
     kv_usage: float = 0.0  # 0..1
     num_preempted: int = 0
     num_recoveries: int = 0
+    policy: PolicyStatus | None = None
 
     @classmethod
     def from_dict(cls, data: Any) -> "StatusResponse":

@@ -16,8 +16,9 @@ from typing import Any, Callable
 from fastapi import FastAPI
 
 from rempd.api.errors import documented, install_error_handlers
+from rempd.api.policy_routes import add_policy_routes
 from rempd.api.switching import add_switch_routes
-from rempd.protocol import API_VERSION, DaemonState, StatusResponse, TopologyInfo, WorkerStatus
+from rempd.protocol import API_VERSION, DaemonState, PolicyStatus, StatusResponse, TopologyInfo, WorkerStatus
 
 log = logging.getLogger("rempd.control")
 
@@ -30,6 +31,7 @@ class Lifecycle:
     engine: Any | None = None  # the AsyncEngine once it is up
     on_switch: Callable[[Any], None] = lambda report: None  # hears every finished switch (metrics)
     model_name: str | None = None
+    policy: Any | None = None  # the policy.runner.PolicyRunner once the engine is up
     started: float = field(default_factory=time.monotonic)
 
 
@@ -44,6 +46,7 @@ def create_control_app(life: Lifecycle, probe: "ResourceProbe | None" = None) ->
         return (await asyncio.to_thread(build_status, life, probe)).to_dict()
 
     add_switch_routes(app, lambda: life.engine, lambda report: life.on_switch(report))
+    add_policy_routes(app, lambda: life.policy)
     return app
 
 
@@ -69,6 +72,8 @@ def build_status(life: Lifecycle, probe: "ResourceProbe") -> StatusResponse:
     status.kv_blocks_used, status.kv_blocks_total = stats.kv_blocks_used, stats.kv_blocks_total
     status.kv_usage, status.num_preempted = stats.kv_usage, stats.num_preempted
     status.num_recoveries = int(raw.get("num_recoveries", 0))
+    if life.policy is not None:
+        status.policy = PolicyStatus.from_dict(life.policy.status())
     return status
 
 

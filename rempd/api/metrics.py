@@ -73,6 +73,8 @@ class Metrics:
         self.switch_cut = {mode: Histogram(LATENCY_BUCKETS) for mode in ("staged", "stop_the_world")}
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.observations: Any = None  # a policy.window.ObservationLog that hears every request, if set
+        self.sources: list[Any] = []  # callables yielding more families (the policy's)
 
     def record_finished(self, reason: str, prompt_tokens: int, completion_tokens: int, e2e_s: float) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1
@@ -119,6 +121,8 @@ class Metrics:
         yield Family("remp:kv_cache_usage_perc", "gauge", "Share of KV blocks in use, 0 to 1.", [(m, stats.kv_usage)])
         yield Family("remp:num_preemptions", "counter", "Requests preempted for recompute.",
                      [(m, stats.num_preempted)])
+        for source in self.sources:
+            yield from source()
         yield Family("remp:engine_healthy", "gauge", "1 while every worker is alive.",
                      [(m, 1.0 if engine.is_healthy else 0.0)])
         if topology:
@@ -144,6 +148,9 @@ class RequestTimer:
         self.metrics = metrics
         self.arrival = self.last = time.monotonic()
         self.seen_token = False
+        self.observations = metrics.observations
+        if self.observations is not None:
+            self.observations.arrival(self.arrival)
 
     def tick(self, out: Any) -> None:
         """Called with every RequestOutput."""
@@ -152,14 +159,20 @@ class RequestTimer:
         now = time.monotonic()
         if self.seen_token:
             self.metrics.itl.observe(now - self.last)
+            if self.observations is not None:
+                self.observations.token_gap(now, now - self.last)
         else:
             self.metrics.ttft.observe(now - self.arrival)
+            if self.observations is not None:
+                self.observations.first_token(now, now - self.arrival)
             self.seen_token = True
         self.last = now
 
     def finish(self, out: Any) -> None:
         self.metrics.record_finished(out.finish_reason or "unknown", out.prompt_tokens, out.completion_tokens,
                                      time.monotonic() - self.arrival)
+        if self.observations is not None:
+            self.observations.finished(time.monotonic(), out.completion_tokens)
 
 
 def render_text(families: list[Family]) -> str:

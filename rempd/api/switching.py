@@ -47,6 +47,23 @@ class SwitchRequest(BaseModel):
             raise APIError(400, str(exc), param="placement") from exc
 
 
+def launch_switch(engine: Any, target: Topology | Placement, on_switch: Callable[[SwitchReport], None],
+                  fault: tuple[str, str] | None = None, mode: str | None = None) -> tuple[SwitchReport, asyncio.Future]:
+    """Start a switch the way every caller must (the API and the policy): systemd hears RELOADING=1, then
+    READY=1, and `on_switch` (metrics) hears the end. Raises SwitchInProgress."""
+    report, done = engine.start_switch(target, fault, mode)
+    systemd.reloading(f"switching to {report.target}")
+
+    def finished(task: asyncio.Future) -> None:
+        systemd.ready(f"serving at {report.target if report.state == 'committed' else report.source}")
+        on_switch(report)
+        if task.exception() is not None:
+            log.error("switch %s ended with %s", report.id, task.exception())
+
+    done.add_done_callback(finished)
+    return report, done
+
+
 def add_switch_routes(app: FastAPI, engine_of: Callable[[], Any], on_switch: Callable[[SwitchReport], None]) -> None:
     """`engine_of()` gives the AsyncEngine (None while starting); `on_switch` hears every finished switch."""
     faults_allowed = os.environ.get(FAULT_INJECTION_ENV) == "1"
@@ -79,18 +96,9 @@ def add_switch_routes(app: FastAPI, engine_of: Callable[[], Any], on_switch: Cal
             return {"dry_run": True, "plan": planned}
         fault = (request.fault.phase, request.fault.kind) if request.fault else None
         try:
-            report, done = engine().start_switch(request.target(), fault, request.mode)
+            report, _ = launch_switch(engine(), request.target(), on_switch, fault, request.mode)
         except SwitchInProgress as exc:
             raise APIError(409, str(exc), code="switch_in_progress", param=exc.switch_id) from exc
-        systemd.reloading(f"switching to {report.target}")
-
-        def finished(task: asyncio.Future) -> None:
-            systemd.ready(f"serving at {report.target if report.state == 'committed' else report.source}")
-            on_switch(report)
-            if task.exception() is not None:
-                log.error("switch %s ended with %s", report.id, task.exception())
-
-        done.add_done_callback(finished)
         return report.to_dict() | {"plan": planned}
 
     @app.get("/v1/switches", responses=documented(403, 503))
