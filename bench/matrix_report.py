@@ -14,6 +14,10 @@ def committed(cells: list[dict]) -> list[dict]:
     return [c for c in cells if c.get("state") == "committed" and c.get("median_total_s") is not None]
 
 
+def seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def predicted(cell: dict) -> float:
     return cell.get("median_predicted_s", cell["runs"][-1].get("predicted", {}).get("total", float("nan")))
 
@@ -34,8 +38,8 @@ def table(results: dict) -> str:
         steps = sorted(run.get("transform_detail", {}).items(), key=lambda kv: -kv[1])[:3]
         b = run.get("bytes_by_source", {})
         lines.append(
-            f"| {c['source']} → {c['target']} | {c['median_total_s']:.3f} | {restart or float('nan'):.1f} | {ratio} | "
-            f"{predicted(c):.3f} | {c['median_pause_s']:.3f} / {run.get('server_pause_s') or 0:.3f} | "
+            f"| {c['source']} → {c['target']} | {c['median_total_s']:.3f} | {seconds(restart)} | {ratio} | "
+            f"{predicted(c):.3f} | {c['median_pause_s']:.3f} / {seconds(run.get('server_pause_s'))} | "
             f"{run['phases'].get('groups', 0):.3f} | {run['phases'].get('transform', 0):.3f} | "
             f"{', '.join(f'{k} {v:.3f}' for k, v in steps)} | {run.get('requests_live')} | "
             f"{run.get('kv_blocks_migrated')} | {b.get('weights_stay', 0) / gib:.2f} / "

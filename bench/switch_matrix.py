@@ -73,6 +73,8 @@ async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, 
         report = await asyncio.to_thread(switch, ctl, target)
         end = time.perf_counter()
         streams = await asyncio.gather(*tasks)
+    if "id" in report:  # read it again: the daemon closes its serving pause at the first token after the switch
+        report = ctl.get(f"/v1/switches/{report['id']}").json()
     report["server_pause_s"] = report.get("serving_pause_s")  # the daemon's own gap between tokens
     report["serving_pause_s"] = serving_pause(streams, start, end)
     report["wall_s"] = end - start
@@ -97,8 +99,9 @@ async def restart_time(model: Path, devices: str, topology: str, port: int, name
             proc.wait(120)
 
 
-async def run_matrix(model: Path, shape: str, devices: str, topologies: list[str], args, log_path: Path) -> dict:
-    results: dict = {"cells": []}
+async def run_matrix(model: Path, shape: str, devices: str, topologies: list[str], args, log_path: Path,
+                     results: dict) -> None:
+    results["cells"] = []
     port = 18000
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/rempd.sock"
@@ -115,7 +118,6 @@ async def run_matrix(model: Path, shape: str, devices: str, topologies: list[str
         finally:
             daemon.terminate()
             daemon.wait(120)
-    return results
 
 
 async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str, args) -> dict:
@@ -171,7 +173,7 @@ async def main() -> None:
     results: dict = {"shape": args.shape, "devices": args.devices, "restarts": {}}
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.restart_only:
-        results |= await run_matrix(model, args.shape, args.devices, topologies, args, log_path)
+        await run_matrix(model, args.shape, args.devices, topologies, args, log_path, results)
     if not args.no_restart:
         for topology in (args.restart_topologies or args.topologies).split(","):
             try:
