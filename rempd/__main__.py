@@ -49,6 +49,8 @@ def serve(
     max_model_len: Annotated[Optional[int], _option("--max-model-len", key="max_model_len")] = None,
     block_size: Annotated[Optional[int], _option("--block-size", key="block_size")] = None,
     drain_timeout: Annotated[Optional[float], _option("--drain-timeout", key="drain_timeout")] = None,
+    worker_timeout: Annotated[Optional[float], _option("--worker-timeout", key="worker_timeout")] = None,
+    max_request_bytes: Annotated[Optional[str], _option("--max-request-bytes", key="max_request_bytes")] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help=f"TOML file with any of these options; flags override it (default {DEFAULT_CONFIG_PATH} "
                          "when present)")] = None,

@@ -118,6 +118,9 @@ class DaemonConfig:
     max_model_len: int | None = _opt(None, _optional(_strict(int)), "context length; the model's own if unset")
     block_size: int = _opt(16, _strict(int), "tokens per KV block")
     drain_timeout: float = _opt(30.0, _strict(float), "seconds running requests may take to finish on SIGTERM")
+    worker_timeout: float = _opt(60.0, _strict(float), "seconds a worker may take to answer before it is "
+                                 "taken for hung and every worker is restarted")
+    max_request_bytes: int = _opt(1 << 20, parse_size, "largest request body the serving API reads, e.g. 1MiB")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -157,6 +160,10 @@ class DaemonConfig:
             problems.append("gpu_memory_utilization must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append("max_model_len must be at least 2")
+        if self.worker_timeout <= 0:
+            problems.append("worker_timeout must be positive")
+        if self.max_request_bytes < 1024:
+            problems.append("max_request_bytes must be at least 1KiB")
         if self.drain_timeout < 0:
             problems.append("drain_timeout cannot be negative")
         if not self.socket.startswith("/"):
@@ -177,7 +184,7 @@ class DaemonConfig:
             cpu_workers=self.cpu_workers, dtype=self.dtype, block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory, gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len)
+            max_model_len=self.max_model_len, worker_timeout=self.worker_timeout)
 
 
 def find_config_file(explicit: Path | None, default: Path = DEFAULT_CONFIG_PATH) -> Path | None:

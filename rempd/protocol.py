@@ -92,6 +92,8 @@ class StatusResponse(Message):
     kv_usage: float = 0.0  # 0..1
     num_preempted: int = 0
     num_recoveries: int = 0
+    lost_devices: list[str] = field(default_factory=list)  # devices dropped because their worker cannot start
+    last_recovery: str | None = None  # what the last worker recovery did, in words
 
     @classmethod
     def from_dict(cls, data: Any) -> "StatusResponse":

@@ -69,6 +69,12 @@ def build_status(life: Lifecycle, probe: "ResourceProbe") -> StatusResponse:
     status.kv_blocks_used, status.kv_blocks_total = stats.kv_blocks_used, stats.kv_blocks_total
     status.kv_usage, status.num_preempted = stats.kv_usage, stats.num_preempted
     status.num_recoveries = int(raw.get("num_recoveries", 0))
+    status.lost_devices = [str(d) for d in raw.get("lost_devices") or []]
+    last = raw.get("last_recovery")
+    if last:
+        outcome = f"{last['source']} → {last['target']}" if last["target"] else f"{last['source']}, not recovered"
+        status.last_recovery = (f"{outcome} after {last['reason']} ({last['seconds']:.1f} s, "
+                                f"{time.strftime('%H:%M:%S', time.localtime(last['at']))})")
     return status
 
 

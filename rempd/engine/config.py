@@ -18,6 +18,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    worker_timeout: float = 60.0  # seconds a worker may take to answer before it counts as hung
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
 
     @property

@@ -20,6 +20,7 @@ from rempd.engine.step_input import StepInput
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
+from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
@@ -58,13 +59,14 @@ class LLMEngine:
                                    kv_cache_memory=config.kv_cache_memory,
                                    gpu_memory_utilization=config.gpu_memory_utilization)
             progress("starting workers", 0.0)
-            self.pool = WorkerPool(self.template, self.devices)
+            self.device_slots = DeviceSlots.of(self.devices)
+            self.pool = WorkerPool(self.template, self.devices, reply_timeout=config.worker_timeout)
             progress("building topology", 0.0)
             self.install(Placement.default(topology))
         except BaseException:
             self.store.unlink()
             raise
-        self.num_recoveries = 0
+        self.recoveries: list[RecoveryRecord] = []
         self.links = self.measure_links()
         self.switches: list[SwitchReport] = []
         self.last_output_at = time.perf_counter()
@@ -227,16 +229,14 @@ class LLMEngine:
             self.pause_report = report
         return transaction.outputs
 
-    def recover(self) -> None:
-        """Respawn the workers after one died and rebuild the topology from the weight store (not the disk).
+    def recover(self, reason: str = "a worker failure") -> RecoveryRecord:
+        """Respawn the workers after one died or hung and rebuild from the weight store (not the disk), on a
+        smaller topology if a device is gone (engine/recovery.py)."""
+        return recover(self, reason)
 
-        Every worker restarts because the world group cannot take a new member in place of a dead one."""
-        self.pool.close(timeout=2.0)
-        self.in_flight.clear()
-        self.preempt_all()
-        self.pool = WorkerPool(self.template, self.devices)
-        self.install(self.placement)
-        self.num_recoveries += 1
+    @property
+    def num_recoveries(self) -> int:
+        return sum(1 for r in self.recoveries if r.target)
 
     def status(self) -> dict:
         topo, alive, pids = self.placement.topology, self.pool.alive(), self.pool.pids()
@@ -253,7 +253,8 @@ class LLMEngine:
         return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
                 "workers": workers, "max_model_len": self.max_model_len,
                 "store": {"name": self.store.name, "bytes": self.store.nbytes},
-                "num_recoveries": self.num_recoveries}
+                "num_recoveries": self.num_recoveries, "lost_devices": list(self.device_slots.lost),
+                "last_recovery": self.recoveries[-1].to_dict() if self.recoveries else None}
 
     def stats(self) -> EngineStats:
         s = self.scheduler

@@ -63,7 +63,9 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    def __init__(self, template: WorkerSetup, devices: list[str], start_timeout: float = 600.0):
+    def __init__(self, template: WorkerSetup, devices: list[str], start_timeout: float = 600.0,
+                 reply_timeout: float | None = None):
+        self.reply_timeout = reply_timeout  # a worker silent this long is taken for hung (e.g. SIGSTOP)
         self.template = replace(template, world_size=len(devices), master_port=free_port())
         self.devices = devices
         self.procs: list[WorkerProcess] = []
@@ -81,7 +83,11 @@ class WorkerPool:
                     conn = listener.accept()
                     conn.send(replace(self.template, index=index, device=device))
                     self.conns.append(conn)
-        self.infos = self.collect(list(range(len(devices))), start_timeout)
+        try:
+            self.infos = self.collect(list(range(len(devices))), start_timeout)
+        except BaseException:
+            self.close(timeout=1.0)  # the others wait for the failed one in the world group's rendezvous
+            raise
 
     @property
     def size(self) -> int:
@@ -116,12 +122,14 @@ class WorkerPool:
     def collect(self, workers: list[int], timeout: float | None = None) -> list[Any]:
         """One reply from each worker. Replies are read as they come, so a failure is raised at once, even while
         other workers are blocked waiting for the failed one; a death of any worker ends the wait too."""
+        timeout = self.reply_timeout if timeout is None else timeout
         replies: dict[int, Any] = {}
         pending = {self.conns[i]: i for i in workers}
         while pending:
             ready = wait([*pending, *(p.sentinel for p in self.procs)], timeout)
             if not ready:
-                raise WorkerError(next(iter(pending.values())), f"no reply within {timeout} s")
+                silent = self._stopped(list(pending.values())) or list(pending.values())
+                raise WorkerError(silent[0], f"no reply within {timeout} s")
             for conn in [c for c in ready if c in pending]:
                 index = pending.pop(conn)
                 replies[index] = self._read(index)
@@ -129,6 +137,18 @@ class WorkerPool:
             if dead and pending:
                 raise WorkerError(dead[0], f"died (exit code {self.procs[dead[0]].exitcode})")
         return [replies[i] for i in workers]
+
+    def _stopped(self, workers: list[int]) -> list[int]:
+        """Those of `workers` that are stopped (SIGSTOP, a debugger): the likely cause of a silence."""
+        found = []
+        for i in workers:
+            try:
+                state = Path(f"/proc/{self.procs[i].pid}/stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state in ("T", "t"):
+                found.append(i)
+        return found
 
     def call(self, method: str, *args: Any, workers: list[int] | None = None,
              timeout: float | None = None) -> list[Any]:
