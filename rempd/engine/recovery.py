@@ -28,6 +28,7 @@ class RecoveryRecord:
     target: str = ""  # topology after; "" while running or when it failed
     lost_devices: list[str] = field(default_factory=list)  # devices dropped by this recovery
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # close, spawn, install: where the time went
     at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
@@ -106,8 +107,10 @@ def recover(engine, reason: str) -> RecoveryRecord:
     engine.pool.close(timeout=2.0)
     engine.in_flight.clear()
     engine.preempt_all()
+    record.phases["close"] = time.perf_counter() - begin
     ensure_store(engine, record)
     engine.pool = spawn_pool(engine.template, engine.device_slots, record, engine.config.worker_timeout)
+    record.phases["spawn"] = time.perf_counter() - begin - record.phases["close"]
     engine.devices = list(engine.device_slots.devices)
     failures = []
     for topology in candidate_topologies(old.topology, len(engine.devices), engine.model_config):
@@ -125,7 +128,10 @@ def recover(engine, reason: str) -> RecoveryRecord:
     else:
         raise RuntimeError(f"no topology fits the {len(engine.devices)} devices left: {'; '.join(failures)}")
     record.target, record.seconds = str(placement.topology), time.perf_counter() - begin
+    record.phases["install"] = record.seconds - record.phases["close"] - record.phases["spawn"]
     level = logging.WARNING if record.target != record.source else logging.INFO
-    log.log(level, "recovered from %s: %s → %s on %d devices in %.2f s%s", reason, record.source, record.target,
-            len(engine.devices), record.seconds, f"; lost {record.lost_devices}" if record.lost_devices else "")
+    log.log(level, "recovered from %s: %s → %s on %d devices in %.2f s (%s)%s", reason, record.source,
+            record.target, len(engine.devices), record.seconds,
+            ", ".join(f"{k} {v:.2f} s" for k, v in record.phases.items()),
+            f"; lost {record.lost_devices}" if record.lost_devices else "")
     return record

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peer_pid(conn: Connection) -> int:
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
 
 
 class WorkerProcess:
@@ -74,15 +81,21 @@ class WorkerPool:
         with tempfile.TemporaryDirectory(prefix="remp-pool-") as tmp:
             address = str(Path(tmp) / "pool.sock")
             with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
-                for index, device in enumerate(devices):
+                # all start at once: each spends seconds importing torch before it connects
+                for _ in devices:
                     popen = subprocess.Popen([sys.executable, "-m", "rempd.worker_pool", address],
                                              stdin=subprocess.PIPE, start_new_session=False)
                     popen.stdin.write(authkey)
                     popen.stdin.close()
                     self.procs.append(WorkerProcess(popen))
+                index_of = {p.pid: i for i, p in enumerate(self.procs)}
+                conns: dict[int, Connection] = {}
+                for _ in devices:  # they connect in any order; the peer's pid says which one it is
                     conn = listener.accept()
-                    conn.send(replace(self.template, index=index, device=device))
-                    self.conns.append(conn)
+                    index = index_of[peer_pid(conn)]
+                    conn.send(replace(self.template, index=index, device=devices[index]))
+                    conns[index] = conn
+                self.conns = [conns[i] for i in range(len(devices))]
         try:
             self.infos = self.collect(list(range(len(devices))), start_timeout)
         except BaseException:
