@@ -286,3 +286,13 @@ def test_a_new_daemon_reclaims_the_segment_of_a_killed_one(checkpoints, start_da
     assert len(own) == 1
     assert second.stop() == 0
     assert not own[0].exists()  # a clean stop removes its own segment
+
+
+def test_the_api_key_never_reaches_the_daemon_log(daemon):
+    for key in (KEY, f"{KEY}-wrong", "none"):
+        try:
+            greedy(daemon, "Key check", 2, key=key)
+        except openai.AuthenticationError:
+            pass
+    log = daemon.log.read_text()
+    assert "serving" in log and KEY not in log
