@@ -6,7 +6,7 @@ reported in /v1/status and /metrics, and no process, weight-store segment or soc
 CI runs the cases in CI_CASES; REMP_FAULT_MATRIX=full runs all 28 (RELIABILITY.md records that run)."""
 import os
 import signal
-import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -109,6 +109,21 @@ def test_a_worker_fault_ends_in_a_recovered_daemon(daemon, reference, sig, role,
     assert after["topology"] in ({"tp": 2, "pp": 1}, {"tp": 1, "pp": 2}) and len(after["workers"]) == 4
     assert after["last_recovery"] and "→" in after["last_recovery"]
     assert metric(daemon, "remp:worker_recoveries_total") > recoveries
+    assert greedy(daemon, PROMPT, 12) == reference
+
+
+def test_a_deleted_weight_store_is_reloaded_from_disk_at_the_next_recovery(daemon, reference):
+    back_to_tp2pp1(daemon)
+    before = check_no_leaks(daemon)
+    (segment,) = store_segments(daemon.proc.pid)
+    Path("/dev/shm", segment).unlink()  # e.g. an operator's cleanup script
+    assert greedy(daemon, PROMPT, 12) == reference  # the workers' mappings outlive the name
+    os.kill(before["workers"][0]["pid"], signal.SIGKILL)  # new workers could not attach the deleted name
+    wait_for(lambda: status(daemon)["num_recoveries"] > before["num_recoveries"] and health(daemon) == 200,
+             90, "recovery with a reloaded store")
+    after = check_no_leaks(daemon)
+    assert store_segments(daemon.proc.pid) != [segment]
+    assert "weight store reloaded from disk" in after["last_recovery"]
     assert greedy(daemon, PROMPT, 12) == reference
 
 
