@@ -1,4 +1,4 @@
-"""Switch soak: continuous streaming load (mixed lengths, greedy and seeded sampling, official openai client)
+"""Switch soak: continuous streaming load (mixed lengths, greedy and seeded sampling, the official openai client)
 while random topology switches run back to back. Passes only with zero failed requests, every output equal to
 the same request's output with no switch, and no growth of host RSS (daemon + workers), device memory and the
 daemon's /dev/shm segments between the first and the last third of the run.
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import wait_healthy  # noqa: E402
@@ -61,17 +60,43 @@ def workload(count: int, short: int, long: int, seed: int = 0) -> list[Request]:
     return requests
 
 
-async def complete(client: AsyncOpenAI, model: str, request: Request) -> str:
-    extra = {"ignore_eos": True} | ({"seed": request.seed} if request.seed is not None else {})
-    stream = await client.completions.create(model=model, prompt=request.prompt, max_tokens=request.max_tokens,
-                                             temperature=request.temperature, stream=True, extra_body=extra)
+async def complete(client, model: str, request: Request) -> str:
+    """One streamed completion through the official openai client, or through httpx where the openai package
+    is not installed (the GPU machines carry only the wheels they need); both parse the same SSE."""
+    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens,
+            "temperature": request.temperature, "stream": True, "ignore_eos": True}
+    if request.seed is not None:
+        body["seed"] = request.seed
     text, reason = [], None
-    async for event in stream:
-        text.append(event.choices[0].text)
-        reason = event.choices[0].finish_reason or reason
+    if isinstance(client, httpx.AsyncClient):
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"error event: {event['error']}")
+                    text.append(event["choices"][0]["text"])
+                    reason = event["choices"][0]["finish_reason"] or reason
+    else:
+        extra = {k: body[k] for k in ("ignore_eos", "seed") if k in body}
+        stream = await client.completions.create(model=model, prompt=request.prompt, max_tokens=request.max_tokens,
+                                                 temperature=request.temperature, stream=True, extra_body=extra)
+        async for event in stream:
+            text.append(event.choices[0].text)
+            reason = event.choices[0].finish_reason or reason
     if reason != "length":
         raise RuntimeError(f"request {request.index} ended with {reason!r}")
     return "".join(text)
+
+
+def make_client(url: str, concurrency: int):
+    try:
+        from openai import AsyncOpenAI
+    except ImportError:
+        return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4))
+    return AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
 
 
 def memory_sample(pid: int, devices: list[int]) -> dict:
@@ -110,7 +135,7 @@ def switch_to(ctl: httpx.Client, topology: str) -> dict:
 
 async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> dict:
     requests = workload(args.requests, args.short_tokens, args.long_tokens)
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    client = make_client(url, args.concurrency)
     gate = asyncio.Semaphore(args.concurrency)
 
     async def limited(request: Request) -> str:
@@ -182,7 +207,8 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
     committed = sum(1 for r in reports if r["state"] == "committed")
     passed = (outcomes["failed"] == 0 and outcomes["mismatch"] == 0 and committed == len(reports)
               and all(c["ok"] for c in checks.values()) and final["num_recoveries"] == 0)
-    return {"passed": passed, "switches": len(reports), "committed": committed, "requests": outcomes,
+    return {"passed": passed, "client": "httpx" if isinstance(client, httpx.AsyncClient) else "openai",
+            "switches": len(reports), "committed": committed, "requests": outcomes,
             "greedy_and_seeded": {"greedy": sum(r.seed is None for r in requests),
                                   "seeded": sum(r.seed is not None for r in requests)},
             "targets": targets, "reference_s": reference_s, "soak_s": soak_s, "memory": checks,

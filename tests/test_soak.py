@@ -19,7 +19,7 @@ def test_thirty_switches_under_load_lose_nothing_and_leak_nothing(checkpoints, t
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["passed"] and report["committed"] == 30
+    assert report["passed"] and report["committed"] == 30 and report["client"] == "openai"
     assert report["requests"]["failed"] == 0 and report["requests"]["mismatch"] == 0
     assert report["greedy_and_seeded"]["greedy"] and report["greedy_and_seeded"]["seeded"]
     assert report["switches_with_live_requests"] > 0  # the switches really ran under load

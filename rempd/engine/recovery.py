@@ -61,13 +61,20 @@ def _unusable_slots() -> set[int]:
 
 
 def spawn_pool(template, slots: DeviceSlots, record: RecoveryRecord, reply_timeout: float | None) -> WorkerPool:
-    """A fresh pool on every device whose worker starts; the others are dropped from `slots`."""
+    """A fresh pool on every device whose worker starts; a device whose worker fails to start twice in a row
+    (once could be a port or a rendezvous race) is dropped from `slots`."""
+    failed_once: set[int] = set()
     while slots.devices:
         unusable = _unusable_slots()
         devices = [UNUSABLE_DEVICE if s in unusable else d for d, s in zip(slots.devices, slots.slots)]
         try:
             return WorkerPool(template, devices, reply_timeout=reply_timeout)
         except WorkerError as exc:
+            slot = slots.slots[exc.index]
+            if slot not in failed_once:
+                failed_once.add(slot)
+                log.warning("the worker of device slot %d did not start (%s); trying again", slot, exc)
+                continue
             name = slots.drop(exc.index, str(exc).splitlines()[0])
             record.lost_devices.append(name)
             log.error("device %s cannot run a worker; going on without it", name)
