@@ -15,7 +15,7 @@ from rempd.model.config import ModelConfig
 from rempd.model.make_checkpoint import shape_config
 from rempd.topology import Placement, Topology, all_placements, valid_topologies
 
-MACHINE = settings(max_examples=40, stateful_step_count=40, deadline=None,
+MACHINE = settings(max_examples=150, stateful_step_count=40, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -203,4 +203,4 @@ TestBlockManager.settings = MACHINE
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = MACHINE
 TestSwitchPlans = SwitchPlanMachine.TestCase
-TestSwitchPlans.settings = settings(MACHINE, max_examples=15, stateful_step_count=10)
+TestSwitchPlans.settings = settings(MACHINE, max_examples=30, stateful_step_count=12)
