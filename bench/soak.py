@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import wait_healthy  # noqa: E402
-from switch_matrix import control, parse, start_daemon  # noqa: E402
+from switch_matrix import control, parse, start_daemon, switch  # noqa: E402
 
 CANDIDATES = ["TP1PP1", "TP2PP1", "TP1PP2", "TP4PP1", "TP2PP2", "TP1PP4"]
 # Growth allowed between the first and last third of the memory samples, all taken at the start topology:
@@ -122,17 +122,6 @@ def growth(samples: list[dict], key: str, tolerance: tuple[float, int]) -> dict:
     return {"first": first, "last": last, "growth": last - first, "allowed": allowed, "ok": last - first <= allowed}
 
 
-def switch_to(ctl: httpx.Client, topology: str) -> dict:
-    tp, pp = parse(topology)
-    answer = ctl.post("/v1/switch", json={"tp": tp, "pp": pp})
-    if answer.status_code != 202:
-        return {"state": f"http {answer.status_code}", "error": answer.text[:300], "target": topology}
-    switch_id = answer.json()["id"]
-    while (report := ctl.get(f"/v1/switches/{switch_id}").json())["state"] == "running":
-        time.sleep(0.01)
-    return report
-
-
 async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> dict:
     requests = workload(args.requests, args.short_tokens, args.long_tokens)
     client = make_client(url, args.concurrency)
@@ -183,7 +172,7 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
                 # every sample_every-th switch returns to the start topology; memory is sampled there, idle
                 back = (n + 1) % args.sample_every == 0
                 target = home if back and current != home else rng.choice([t for t in targets if t != current])
-                report = await asyncio.to_thread(switch_to, ctl, target)
+                report = await asyncio.to_thread(switch, ctl, target)
                 reports.append({k: report.get(k) for k in ("id", "state", "target", "error", "total_seconds",
                                                              "requests_live", "requests_preempted")})
                 if report.get("state") == "committed":
@@ -191,7 +180,7 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
                 if current == home and back:
                     samples.append(await asyncio.to_thread(memory_sample, pid, args.device_ids))
             if current != home:
-                await asyncio.to_thread(switch_to, ctl, home)
+                await asyncio.to_thread(switch, ctl, home)
             switching = False
 
         begin = time.perf_counter()

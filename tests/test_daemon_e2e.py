@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from conftest import RunningDaemon
+from fault_tools import gone, health, wait_for
 
 KEY = "secret"
 TP2PP2 = {"tp": 2, "pp": 2}
@@ -51,30 +51,6 @@ def status(daemon: RunningDaemon) -> dict:
 
 def worker_pids(daemon: RunningDaemon) -> list[int]:
     return [w["pid"] for w in status(daemon)["workers"]]
-
-
-def gone(pid: int) -> bool:
-    """Dead, or a zombie nobody has reaped yet: either way it holds no memory and runs nothing."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_for(predicate, timeout: float, what: str) -> float:
-    """Seconds until `predicate()` held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
-def health(daemon: RunningDaemon) -> int | None:
-    try:
-        return httpx.get(f"{daemon.base_url}/health", timeout=2).status_code
-    except httpx.HTTPError:
-        return None
 
 
 # --- 1. the official openai client -----------------------------------------------------------------------

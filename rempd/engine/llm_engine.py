@@ -13,6 +13,7 @@ from rempd.engine.block_manager import BlockManager
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
 from rempd.engine.outputs import EngineStats, RequestOutput
+from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
 from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
@@ -20,7 +21,6 @@ from rempd.engine.step_input import StepInput
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
-from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
