@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
-# Writes logs and JSON under $OUT. Usage: bash bench/gpu_session.sh tests|matrix|restart|decode|staged|workload ...
+# Writes logs and JSON under $OUT. Usage: bash bench/gpu_session.sh tests|matrix|restart|decode|staged|workload|soak ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -27,6 +27,10 @@ for step in "$@"; do
         timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1}" \
             --out "$OUT/staged_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -30 ;;
+    soak)  # 200 random switches under streaming load; ~1 s a switch on 4 H100s, plus start-up: about 6 minutes
+        timeout "${LIMIT:-420}" python3 bench/soak.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+            --switches "${SWITCHES:-200}" --requests 32 --concurrency 16 --short-tokens 16 --long-tokens 128 \
+            --out "$OUT/soak_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -60 ;;
     restart)
         timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \

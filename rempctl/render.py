@@ -46,6 +46,10 @@ def print_status(status: StatusResponse, console: Console) -> None:
                   f"{status.num_preempted} preempted since start")
     console.print(f"  KV cache   {status.kv_blocks_used}/{status.kv_blocks_total} blocks ({status.kv_usage:.1%})"
                   f"    worker recoveries {status.num_recoveries}")
+    if status.last_recovery:
+        console.print(f"  recovery   {status.last_recovery}")
+    for lost in status.lost_devices:
+        console.print(f"  [red]lost[/red]       {lost}")
     if status.policy is not None:
         from rempctl.policy_render import status_line
 

@@ -64,6 +64,8 @@ def serve(
     policy_topologies: Annotated[Optional[str], _option("--policy-topologies", key="policy_topologies")] = None,
     policy_learn: Annotated[Optional[bool], typer.Option("--policy-learn/--no-policy-learn", help=_help("policy_learn"),
                                                          show_default=False)] = None,
+    worker_timeout: Annotated[Optional[float], _option("--worker-timeout", key="worker_timeout")] = None,
+    max_request_bytes: Annotated[Optional[str], _option("--max-request-bytes", key="max_request_bytes")] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help=f"TOML file with any of these options; flags override it (default {DEFAULT_CONFIG_PATH} "
                          "when present)")] = None,

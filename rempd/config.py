@@ -168,6 +168,9 @@ class DaemonConfig:
     policy_topologies: list[str] | None = _opt(None, _optional(_topologies),
                                                "topologies the policy may choose, e.g. TP4PP1,TP1PP4; all if unset")
     policy_learn: bool = _opt(True, _bool, "refine profiles from what is observed while serving")
+    worker_timeout: float = _opt(60.0, _strict(float), "seconds a worker may take to answer before it is "
+                                 "taken for hung and every worker is restarted")
+    max_request_bytes: int = _opt(1 << 20, parse_size, "largest request body the serving API reads, e.g. 1MiB")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -209,6 +212,10 @@ class DaemonConfig:
             problems.append("max_model_len must be at least 2")
         if self.switch_mode not in ("staged", "stop_the_world"):
             problems.append(f"switch_mode {self.switch_mode!r} is not staged or stop_the_world")
+        if self.worker_timeout <= 0:
+            problems.append("worker_timeout must be positive")
+        if self.max_request_bytes < 1024:
+            problems.append("max_request_bytes must be at least 1KiB")
         if self.drain_timeout < 0:
             problems.append("drain_timeout cannot be negative")
         if not self.socket.startswith("/"):
@@ -235,7 +242,7 @@ class DaemonConfig:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes,
             switch_mode=self.switch_mode, staging_memory=self.staging_memory,
-            staging_chunk_bytes=self.staging_chunk_bytes)
+            staging_chunk_bytes=self.staging_chunk_bytes, worker_timeout=self.worker_timeout)
 
 
 def find_config_file(explicit: Path | None, default: Path = DEFAULT_CONFIG_PATH) -> Path | None:

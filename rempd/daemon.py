@@ -136,7 +136,8 @@ class Daemon:
         model_name = self.config.served_model_name or engine.model_name
         self.life.model_name = self.metrics.model_name = model_name
         app = create_serving_app(engine, model_name=model_name, model_root=self.config.model or "",
-                                 gate=self.gate, metrics=self.metrics, api_key=self.config.api_key)
+                                 gate=self.gate, metrics=self.metrics, api_key=self.config.api_key,
+                                 max_request_bytes=self.config.max_request_bytes)
         self.serving = Server(uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning",
                                              access_log=False, timeout_graceful_shutdown=3))
         serving_task = asyncio.create_task(self.serving.serve(sockets=[tcp]))

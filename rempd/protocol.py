@@ -112,6 +112,8 @@ class StatusResponse(Message):
     num_preempted: int = 0
     num_recoveries: int = 0
     policy: PolicyStatus | None = None
+    lost_devices: list[str] = field(default_factory=list)  # devices dropped because their worker cannot start
+    last_recovery: str | None = None  # what the last worker recovery did, in words
 
     @classmethod
     def from_dict(cls, data: Any) -> "StatusResponse":

@@ -5,6 +5,7 @@ end-to-end suite points the same checks at the real engine.
 """
 import os
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -85,4 +86,22 @@ def test_serving_api(case):
 @control.parametrize()
 @FUZZ
 def test_control_api(case):
+    case.call_and_validate()
+
+
+SLOW_FUZZ = settings(FUZZ, max_examples=max(FUZZ.max_examples, 75))
+
+
+@pytest.mark.slow
+@serving.parametrize()
+@SLOW_FUZZ
+def test_serving_api_deeper(case):
+    case.call_and_validate(excluded_checks=[positive_data_acceptance],
+                           additional_checks=[valid_requests_are_accepted])
+
+
+@pytest.mark.slow
+@control.parametrize()
+@SLOW_FUZZ
+def test_control_api_deeper(case):
     case.call_and_validate()

@@ -4,6 +4,7 @@ bad input, a worker killed with -9, a SIGTERM drain, and the weight store left b
 One daemon serves the API tests of this module; every test that kills or stops a daemon starts its own.
 """
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from conftest import RunningDaemon
+from fault_tools import gone, health, wait_for
 
 KEY = "secret"
 TP2PP2 = {"tp": 2, "pp": 2}
@@ -50,30 +51,6 @@ def status(daemon: RunningDaemon) -> dict:
 
 def worker_pids(daemon: RunningDaemon) -> list[int]:
     return [w["pid"] for w in status(daemon)["workers"]]
-
-
-def gone(pid: int) -> bool:
-    """Dead, or a zombie nobody has reaped yet: either way it holds no memory and runs nothing."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_for(predicate, timeout: float, what: str) -> float:
-    """Seconds until `predicate()` held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
-def health(daemon: RunningDaemon) -> int | None:
-    try:
-        return httpx.get(f"{daemon.base_url}/health", timeout=2).status_code
-    except httpx.HTTPError:
-        return None
 
 
 # --- 1. the official openai client -----------------------------------------------------------------------
@@ -286,3 +263,37 @@ def test_a_new_daemon_reclaims_the_segment_of_a_killed_one(checkpoints, start_da
     assert len(own) == 1
     assert second.stop() == 0
     assert not own[0].exists()  # a clean stop removes its own segment
+
+
+def test_the_api_key_never_reaches_the_daemon_log(daemon):
+    for key in (KEY, f"{KEY}-wrong", "none"):
+        try:
+            greedy(daemon, "Key check", 2, key=key)
+        except openai.AuthenticationError:
+            pass
+    log = daemon.log.read_text()
+    assert "serving" in log and KEY not in log
+
+
+def test_a_real_stream_parses_the_same_split_at_every_byte(daemon):
+    """The official client's SSE decoder, and a line-based reader like bench/load.py's, on the daemon's own
+    bytes cut at every boundary: TCP may deliver any split, and each must give the same events."""
+    from openai._streaming import SSEDecoder
+
+    body = {"model": daemon.model_name, "prompt": "Split me: ünïcödé", "max_tokens": 12, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    wire = httpx.post(f"{daemon.base_url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}).content
+    assert wire.endswith(b"data: [DONE]\n\n")
+
+    def events(chunks) -> list[str]:
+        return [event.data for event in SSEDecoder().iter_bytes(iter(chunks))]
+
+    whole = events([wire])
+    assert whole[-1] == "[DONE]" and len(whole) >= 4  # text chunks (a partial UTF-8 char waits), usage, DONE
+    assert json.loads(whole[-2])["usage"]["completion_tokens"] == 12
+    for cut in range(1, len(wire)):
+        assert events([wire[:cut], wire[cut:]]) == whole, f"split at byte {cut}"
+    assert events([wire[i:i + 1] for i in range(len(wire))]) == whole  # one byte per read
+    lines = [line for line in wire.decode().split("\n") if line.startswith("data: ")]
+    assert [line[6:] for line in lines] == whole

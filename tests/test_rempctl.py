@@ -73,3 +73,14 @@ def test_an_error_answer_exits_1(monkeypatch):
     monkeypatch.setattr(ControlClient, "status", fail)
     result = CliRunner().invoke(rempctl_main.app, ["status"])
     assert result.exit_code == 1 and "version 2" in result.output
+
+
+def test_status_shows_what_the_last_recovery_did_and_lost_devices():
+    status = serving_status()
+    status.num_recoveries = 1
+    status.last_recovery = "TP2PP2 → TP1PP3 after worker 3: died while replying (4.1 s, 09:12:03)"
+    status.lost_devices = ["slot 3 (cuda:3): worker 3: CUDA error: unknown error"]
+    console = Console(record=True, width=160)
+    render.print_status(StatusResponse.from_dict(json.loads(json.dumps(status.to_dict()))), console)
+    text = console.export_text()
+    assert "recovery   TP2PP2 → TP1PP3 after worker 3" in text and "lost       slot 3 (cuda:3)" in text

@@ -74,6 +74,12 @@ def build_status(life: Lifecycle, probe: "ResourceProbe") -> StatusResponse:
     status.num_recoveries = int(raw.get("num_recoveries", 0))
     if life.policy is not None:
         status.policy = PolicyStatus.from_dict(life.policy.status())
+    status.lost_devices = [str(d) for d in raw.get("lost_devices") or []]
+    last = raw.get("last_recovery")
+    if last:
+        outcome = f"{last['source']} → {last['target']}" if last["target"] else f"{last['source']}, not recovered"
+        status.last_recovery = (f"{outcome} after {last['reason']} ({last['seconds']:.1f} s, "
+                                f"{time.strftime('%H:%M:%S', time.localtime(last['at']))})")
     return status
 
 

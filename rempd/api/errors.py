@@ -18,7 +18,7 @@ from rempd.protocol import ErrorResponse
 log = logging.getLogger("rempd.api")
 
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                   404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+                   404: "not_found_error", 413: "invalid_request_error", 405: "invalid_request_error", 409: "conflict_error",
                    503: "service_unavailable"}
 
 

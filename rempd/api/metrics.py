@@ -114,7 +114,8 @@ class Metrics:
         if engine is None:
             return
         stats = engine.stats()
-        topology = engine.status().get("topology") or {}
+        raw = engine.status()
+        topology = raw.get("topology") or {}
         yield Family("remp:num_requests_running", "gauge", "Requests in the running batch.", [(m, stats.num_running)])
         yield Family("remp:num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
                      [(m, stats.num_waiting)])
@@ -125,6 +126,10 @@ class Metrics:
             yield from source()
         yield Family("remp:engine_healthy", "gauge", "1 while every worker is alive.",
                      [(m, 1.0 if engine.is_healthy else 0.0)])
+        yield Family("remp:worker_recoveries", "counter", "Rebuilds of the worker pool after a worker failure.",
+                     [(m, float(raw.get("num_recoveries", 0)))])
+        yield Family("remp:devices_lost", "gauge", "Devices dropped because their worker could not start again.",
+                     [(m, float(len(raw.get("lost_devices") or [])))])
         if topology:
             tp, pp = str(topology["tp"]), str(topology["pp"])
             yield Family("remp:topology_info", "gauge", "The current topology (value 1).",

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from rempd.api import openai_schema as schema
+from rempd.api.body_limit import DEFAULT_MAX_REQUEST_BYTES, LimitBody
 from rempd.api.errors import APIError, bad_request, documented, error_body, error_response, install_error_handlers, \
     unavailable
 from rempd.api.gate import Gate, Ticket
@@ -34,13 +35,14 @@ class ServingEngine(Protocol):
 
 
 def create_serving_app(engine: ServingEngine, *, model_name: str, model_root: str, gate: Gate, metrics: Metrics,
-                       api_key: str | None = None) -> FastAPI:
+                       api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     app = FastAPI(title="rempd serving API", version="1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     if api_key:
         app.add_middleware(RequireApiKey, key=api_key)
+    app.add_middleware(LimitBody, max_bytes=max_request_bytes)  # added last: runs first, even before the key
     api = ServingAPI(engine, model_name, model_root, gate, metrics)
-    errors = documented(400, 401, 404, 503)
+    errors = documented(400, 401, 404, 413, 503)
     app.post("/v1/completions", response_model=schema.CompletionResponse,
              responses={**errors, 200: _streamed("text_completion")})(api.completions)
     app.post("/v1/chat/completions", response_model=schema.ChatCompletionResponse,

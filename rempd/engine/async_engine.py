@@ -46,6 +46,7 @@ class AsyncEngine:
         self.ids = itertools.count()
         # a staged switch in progress, advanced between steps, and the future its caller waits on
         self.staging: tuple[StagedSwitch, concurrent.futures.Future] | None = None
+        self.last_ping = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="remp-engine", daemon=True)
         self.thread.start()
 
@@ -119,7 +120,7 @@ class AsyncEngine:
         except WorkerError as exc:
             future.set_exception(exc)
             self._emit(self.engine.fail_all(f"request failed: {exc}".splitlines()[0]))
-            self._recover()
+            self._recover(str(exc).splitlines()[0])
         except Exception as exc:  # noqa: BLE001 - the caller gets it
             future.set_exception(exc)
 
@@ -217,16 +218,26 @@ class AsyncEngine:
                 dead = [i for i, alive in enumerate(engine.pool.alive()) if not alive]
                 if dead:
                     log.error("worker %s died while idle", dead)
-                    self._recover()
+                    self._recover(f"worker {dead[0]} died while idle")
+                elif time.monotonic() - self.last_ping > engine.config.worker_timeout / 2:
+                    self._ping()  # a stopped worker is alive: only an answer shows it can work
                 continue
             try:
                 self._emit(engine.step())
             except WorkerError as exc:
                 log.error("worker failure: %s", exc)
                 self._emit(engine.fail_all(f"request failed: {exc}".splitlines()[0]))
-                self._recover()
+                self._recover(str(exc).splitlines()[0])
 
-    def _recover(self) -> None:
+    def _ping(self) -> None:
+        self.last_ping = time.monotonic()
+        try:
+            self.engine.pool.call("info", timeout=self.engine.config.worker_timeout)
+        except WorkerError as exc:
+            log.error("idle worker check failed: %s", exc)
+            self._recover(str(exc).splitlines()[0])
+
+    def _recover(self, reason: str = "a worker failure") -> None:
         if self.staging is not None:  # respawned workers hold nothing of what was staged
             staged, done = self.staging
             self.staging = None
@@ -234,7 +245,7 @@ class AsyncEngine:
             done.set_result(staged.report)
         self.is_recovering = True
         try:
-            self.engine.recover()
+            self.engine.recover(reason)
         except Exception:
             log.exception("could not recover the worker pool")
             self.is_failed = True

@@ -21,6 +21,7 @@ class EngineConfig:
     switch_mode: str = "staged"  # how a switch runs unless its request says: staged | stop_the_world
     staging_memory: int | None = None  # bytes per worker a staged switch may use; None: see StagingOptions
     staging_chunk_bytes: int | None = None  # most bytes a worker moves between two steps while staging
+    worker_timeout: float = 60.0  # seconds a worker may take to answer before it counts as hung
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
     switch_round_bytes: int = 1 << 30  # peer transfers of a switch go in rounds of about this size
     attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"

@@ -14,6 +14,7 @@ from rempd.engine.block_manager import BlockManager
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
 from rempd.engine.outputs import EngineStats, RequestOutput
+from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
 from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
@@ -61,7 +62,8 @@ class LLMEngine:
                                    gpu_memory_utilization=config.gpu_memory_utilization,
                                    attention=config.attention)
             progress("starting workers", 0.0)
-            self.pool = WorkerPool(self.template, self.devices)
+            self.device_slots = DeviceSlots.of(self.devices)
+            self.pool = WorkerPool(self.template, self.devices, reply_timeout=config.worker_timeout)
             progress("opening links", 0.0)
             self.warm_links()
             progress("building topology", 0.0)
@@ -69,7 +71,7 @@ class LLMEngine:
         except BaseException:
             self.store.unlink()
             raise
-        self.num_recoveries = 0
+        self.recoveries: list[RecoveryRecord] = []
         self.links = self.measure_links()
         self.switches: list[SwitchReport] = []
         self.last_output_at = time.perf_counter()
@@ -281,17 +283,14 @@ class LLMEngine:
             self.pause_report = report
         return transaction.outputs
 
-    def recover(self) -> None:
-        """Respawn the workers after one died and rebuild the topology from the weight store (not the disk).
+    def recover(self, reason: str = "a worker failure") -> RecoveryRecord:
+        """Respawn the workers after one died or hung and rebuild from the weight store (not the disk), on a
+        smaller topology if a device is gone (engine/recovery.py)."""
+        return recover(self, reason)
 
-        Every worker restarts because the world group cannot take a new member in place of a dead one."""
-        self.pool.close(timeout=2.0)
-        self.in_flight.clear()
-        self.preempt_all()
-        self.pool = WorkerPool(self.template, self.devices)
-        self.warm_links()
-        self.install(self.placement)
-        self.num_recoveries += 1
+    @property
+    def num_recoveries(self) -> int:
+        return sum(1 for r in self.recoveries if r.target)
 
     def status(self) -> dict:
         topo, alive, pids = self.placement.topology, self.pool.alive(), self.pool.pids()
@@ -309,7 +308,8 @@ class LLMEngine:
                 "workers": workers, "max_model_len": self.max_model_len,
                 "store": {"name": self.store.name, "bytes": self.store.nbytes},
                 "driver_host_ms_per_step": 1e3 * self.host_seconds / max(1, self.host_steps),
-                "num_recoveries": self.num_recoveries}
+                "num_recoveries": self.num_recoveries, "lost_devices": list(self.device_slots.lost),
+                "last_recovery": self.recoveries[-1].to_dict() if self.recoveries else None}
 
     def stats(self) -> EngineStats:
         s = self.scheduler

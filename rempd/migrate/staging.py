@@ -254,7 +254,7 @@ class StagedSwitch:
         try:
             if isinstance(exc, WorkerError):
                 engine.placement = self.old
-                engine.recover()
+                engine.recover(f"staged switch {report.id} failed in {report.phase}: {exc}".splitlines()[0])
             elif report.phase in ("delta", "commit"):
                 engine.preempt_all()
                 engine.install(self.old)

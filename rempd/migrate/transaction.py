@@ -195,7 +195,7 @@ class SwitchTransaction:
         try:
             if isinstance(exc, WorkerError):
                 engine.placement = old
-                engine.recover()
+                engine.recover(f"switch {report.id} failed in {report.phase}: {exc}".splitlines()[0])
             elif touched:
                 engine.preempt_all()
                 engine.install(old)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from rempd.model.checkpoint import INDEX_FILE, SINGLE_FILE, expected_shapes
@@ -172,9 +174,31 @@ def make_checkpoint(shape: str, out_dir: str | Path, seed: int = 0, dtype: str |
     config = shape_config(shape, dtype)
     cfg = ModelConfig.from_dict(config, source=shape)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / "config.json", out / INDEX_FILE, *out.glob("model*.safetensors")]:
         stale.unlink(missing_ok=True)
+    before = {p.name for p in out.iterdir()}
+    try:
+        _write(config, cfg, out, seed, max_shard_bytes)
+    except (OSError, SafetensorError) as exc:  # disk full, a quota, a read-only mount: leave nothing partial
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for path in out.iterdir():
+                if path.name not in before and path.is_file():
+                    path.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CheckpointWriteError(f"cannot write the checkpoint to {out}: {reason}; nothing was left there") \
+            from exc
+    return out
+
+
+class CheckpointWriteError(OSError):
+    """Writing failed part-way; what was written has been removed."""
+
+
+def _write(config: dict[str, Any], cfg: ModelConfig, out: Path, seed: int, max_shard_bytes: int) -> None:
     torch_dtype = getattr(torch, cfg.dtype)
     shapes = expected_shapes(cfg)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
@@ -203,7 +227,6 @@ def make_checkpoint(shape: str, out_dir: str | Path, seed: int = 0, dtype: str |
     _write_json(out / "generation_config.json",
                 {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID]})
     _write_json(out / "config.json", config)
-    return out
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -222,5 +245,8 @@ def make_checkpoint_command(
         path = make_checkpoint(shape, out, seed=seed, dtype=dtype)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    except CheckpointWriteError as exc:
+        typer.echo(f"rempd make-checkpoint: {exc}", err=True)
+        raise typer.Exit(1) from None
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     typer.echo(f"wrote {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s")

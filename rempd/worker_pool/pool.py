@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peer_pid(conn: Connection) -> int:
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
 
 
 class WorkerProcess:
@@ -65,7 +72,9 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    def __init__(self, template: WorkerSetup, devices: list[str], start_timeout: float = 600.0):
+    def __init__(self, template: WorkerSetup, devices: list[str], start_timeout: float = 600.0,
+                 reply_timeout: float | None = None):
+        self.reply_timeout = reply_timeout  # a worker silent this long is taken for hung (e.g. SIGSTOP)
         self.channel = StepChannel.create()
         self.template = replace(template, world_size=len(devices), master_port=free_port(),
                                 step_channel=self.channel.name)
@@ -77,16 +86,26 @@ class WorkerPool:
             with tempfile.TemporaryDirectory(prefix="remp-pool-") as tmp:
                 address = str(Path(tmp) / "pool.sock")
                 with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
-                    for index, device in enumerate(devices):
+                    # all start at once: each spends seconds importing torch before it connects
+                    for _ in devices:
                         popen = subprocess.Popen([sys.executable, "-m", "rempd.worker_pool", address],
                                                  stdin=subprocess.PIPE, start_new_session=False)
                         popen.stdin.write(authkey)
                         popen.stdin.close()
                         self.procs.append(WorkerProcess(popen))
+                    index_of = {p.pid: i for i, p in enumerate(self.procs)}
+                    conns: dict[int, Connection] = {}
+                    for _ in devices:  # they connect in any order; the peer's pid says which one it is
                         conn = listener.accept()
-                        conn.send(replace(self.template, index=index, device=device))
-                        self.conns.append(conn)
-            self.infos = self.collect(list(range(len(devices))), start_timeout)
+                        index = index_of[peer_pid(conn)]
+                        conn.send(replace(self.template, index=index, device=devices[index]))
+                        conns[index] = conn
+                    self.conns = [conns[i] for i in range(len(devices))]
+            try:
+                self.infos = self.collect(list(range(len(devices))), start_timeout)
+            except BaseException:
+                self.close(timeout=1.0)  # the others wait for the failed one in the world group's rendezvous
+                raise
         finally:
             self.channel.unlink()  # every worker has mapped it by now, or failed
 
@@ -127,12 +146,14 @@ class WorkerPool:
     def collect(self, workers: list[int], timeout: float | None = None) -> list[Any]:
         """One reply from each worker. Replies are read as they come, so a failure is raised at once, even while
         other workers are blocked waiting for the failed one; a death of any worker ends the wait too."""
+        timeout = self.reply_timeout if timeout is None else timeout
         replies: dict[int, Any] = {}
         pending = {self.conns[i]: i for i in workers}
         while pending:
             ready = wait([*pending, *(p.sentinel for p in self.procs)], timeout)
             if not ready:
-                raise WorkerError(next(iter(pending.values())), f"no reply within {timeout} s")
+                silent = self._stopped(list(pending.values())) or list(pending.values())
+                raise WorkerError(silent[0], f"no reply within {timeout} s")
             for conn in [c for c in ready if c in pending]:
                 index = pending.pop(conn)
                 replies[index] = self._read(index)
@@ -140,6 +161,18 @@ class WorkerPool:
             if dead and pending:
                 raise WorkerError(dead[0], f"died (exit code {self.procs[dead[0]].exitcode})")
         return [replies[i] for i in workers]
+
+    def _stopped(self, workers: list[int]) -> list[int]:
+        """Those of `workers` that are stopped (SIGSTOP, a debugger): the likely cause of a silence."""
+        found = []
+        for i in workers:
+            try:
+                state = Path(f"/proc/{self.procs[i].pid}/stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state in ("T", "t"):
+                found.append(i)
+        return found
 
     def call(self, method: str, *args: Any, workers: list[int] | None = None,
              timeout: float | None = None) -> list[Any]:
