@@ -63,7 +63,7 @@ def switch(
         "--staged/--stop-the-world", show_default=False,
         help="staged: prepare the new topology while the old one serves, then pause only for a short cut "
              "(stop-the-world if staging cannot fit, as the report says); stop-the-world: pause for the whole "
-             "switch. Default: rempd's switch_mode, staged unless configured")] = None,
+             "switch. Default: rempd's switch_mode, stop-the-world unless configured")] = None,
     socket: SocketOption = DEFAULT_SOCKET, timeout: TimeoutOption = 60.0,
 ) -> None:
     """Switch to TP×PP while serving, watching each phase; exits 0 once committed, 1 if it was not."""

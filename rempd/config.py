@@ -149,9 +149,9 @@ class DaemonConfig:
     block_size: int = _opt(16, _strict(int), "tokens per KV block")
     switch_round_bytes: int = _opt(1 << 30, parse_size, "a switch moves weights between devices in rounds of "
                                    "this size: smaller needs less memory beside the old and new shards")
-    switch_mode: str = _opt("staged", _strict(str), "how a switch runs unless its request says: staged (the old "
-                            "topology serves while the new one is prepared; stop-the-world if it cannot fit) or "
-                            "stop_the_world")
+    switch_mode: str = _opt("stop_the_world", _strict(str), "how a switch runs unless its request says: "
+                            "stop_the_world, or staged (the old topology serves while the new one is prepared; "
+                            "stop-the-world if it cannot fit)")
     staging_memory: int | None = _opt(None, _optional(parse_size), "memory per worker a staged switch may use "
                                       "(0: never stage); free device memory on GPUs, the KV budget on CPU if unset")
     staging_chunk_bytes: int | None = _opt(None, _optional(parse_size), "most bytes a worker moves between two "

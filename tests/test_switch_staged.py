@@ -116,9 +116,9 @@ def test_rempctl_metrics_and_history_show_the_pause_apart_from_the_total(daemon)
     staged = json.loads(rempctl("switch", "--tp", "2", "--pp", "2", "--staged", "--json").stdout)
     assert (staged["state"], staged["mode"]) == ("committed", "staged")
     assert list(staged["phases"]) == ["plan", "groups", "stage", "quiesce", "delta", "commit", "resume"]  # idle
-    stopped = rempctl("switch", "--tp", "4", "--pp", "1", "--stop-the-world")
+    stopped = rempctl("switch", "--tp", "4", "--pp", "1")  # rempd's default: stop-the-world
     assert stopped.returncode == 0 and "mode stop-the-world" in stopped.stdout and "serving pause" in stopped.stdout
-    shown = rempctl("switch", "--tp", "1", "--pp", "2")  # rempd's default: staged
+    shown = rempctl("switch", "--tp", "1", "--pp", "2", "--staged")
     assert shown.returncode == 0 and "mode staged" in shown.stdout and "(cut " in shown.stdout, shown.stdout
     table = rempctl("switches")
     for expected in ("mode", "pause", "cut", "staged", "stop"):

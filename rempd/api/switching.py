@@ -34,7 +34,7 @@ class SwitchRequest(BaseModel):
     mode: str | None = Field(default=None, pattern="^(staged|stop_the_world)$", description=(
         "staged: prepare the new topology while the old one serves, then a short cut (falls back to "
         "stop_the_world when staging cannot fit); stop_the_world: pause serving for the whole switch. "
-        "Default: the daemon's switch_mode (staged unless configured)"))
+        "Default: the daemon's switch_mode (stop_the_world unless configured)"))
     fault: Fault | None = None
 
     def target(self) -> Topology | Placement:

@@ -18,7 +18,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    switch_mode: str = "staged"  # how a switch runs unless its request says: staged | stop_the_world
+    # how a switch runs unless its request says: stop_the_world | staged (on GPUs its cut is still longer than a
+    # whole stop-the-world switch: BENCHMARKS.md)
+    switch_mode: str = "stop_the_world"
     staging_memory: int | None = None  # bytes per worker a staged switch may use; None: see StagingOptions
     staging_chunk_bytes: int | None = None  # most bytes a worker moves between two steps while staging
     worker_timeout: float = 60.0  # seconds a worker may take to answer before it counts as hung

@@ -25,7 +25,8 @@ from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
-from rempd.topology import Placement, Topology, check_topology, group_member_sets, valid_topologies
+from rempd.topology import (Placement, Topology, check_topology, group_member_sets, stage_layers,
+                            valid_topologies)
 from rempd.worker_pool.pool import WorkerPool
 from rempd.worker_pool.worker import WorkerSetup
 
@@ -94,7 +95,8 @@ class LLMEngine:
             raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
         self.pool.call("allocate_kv", num_blocks)
         self.placement = placement
-        self.warm_up()
+        layers = max(len(r) for r in stage_layers(cfg.num_layers, placement.topology.pp))
+        self.graph_seconds_per_layer = self.warm_up() / layers  # plan prices a switch's capture with it
         blocks = BlockManager(num_blocks, config.block_size)
         if not hasattr(self, "scheduler"):
             # the context length is fixed for the daemon's life; a switch must give every topology room for it
@@ -253,7 +255,8 @@ class LLMEngine:
         group = max((sec / n for sec, n in built), default=0.0)
         allocs = sorted(i["kv_bytes"] / i["kv_alloc_seconds"] / 1e9 for i in self.shard_infos if i["kv_alloc_seconds"])
         alloc = allocs[len(allocs) // 2] if allocs else 0.0
-        return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc)
+        return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc,
+                          graph_seconds_per_layer=self.graph_seconds_per_layer)
 
     def calibrate(self) -> None:
         """Switch onto the placement in use, with nothing live: its time beyond what bytes and links explain is

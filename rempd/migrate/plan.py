@@ -7,7 +7,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from rempd.migrate.shards import ModelGeometry, Shard, shard_of
-from rempd.topology import Placement, Topology
+from rempd.topology import Placement, Topology, stage_layers
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ class SwitchPlan:
     num_live_blocks: int
     kv_bytes_per_piece_unit: int  # bytes of one layer × one head × one block (K and V)
     bytes_by_source: dict[str, int] = field(default_factory=dict)
+    num_layers: int = 0  # the model's, for pricing work per layer of the new stages
+
+    @property
+    def new_stage_layers(self) -> int:
+        """Layers of the largest stage of the new topology."""
+        return max(len(r) for r in stage_layers(self.num_layers, self.new.topology.pp)) if self.num_layers else 0
 
     def kv_bytes(self, piece: KVPiece) -> int:
         return len(piece.layers) * len(piece.heads) * self.num_live_blocks * self.kv_bytes_per_piece_unit
@@ -177,6 +183,6 @@ def plan_switch(geo: ModelGeometry, old: Placement, target: Topology | Placement
     new = target if isinstance(target, Placement) else choose_placement(geo, old, target, num_devices,
                                                                          num_live_blocks, block_size)
     plan = SwitchPlan(old, new, _weight_pieces(geo, old, new), _kv_pieces(geo, old, new), num_live_blocks,
-                      geo.kv_bytes_per_block_head_layer(block_size))
+                      geo.kv_bytes_per_block_head_layer(block_size), num_layers=geo.cfg.num_layers)
     plan.summarise()
     return plan

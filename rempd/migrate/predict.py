@@ -19,6 +19,7 @@ class LinkSpeeds:
     # what a switch costs beyond moving bytes (Python, freeing memory, building the stage), measured by a
     # switch onto the same placement at start-up and refined by every committed switch
     fixed_seconds: float = 0.0
+    graph_seconds_per_layer: float = 0.0  # capturing a stage's decode CUDA graphs, per layer it holds
 
     def learn(self, residual_seconds: float) -> None:
         """Fold in (measured − predicted) of a committed switch; halves the weight of older ones."""
@@ -64,7 +65,7 @@ def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_b
         "quiesce": links.rpc_seconds,
         "groups": links.rpc_seconds + new_groups * links.group_seconds,
         "transform": links.rpc_seconds + transform + links.fixed_seconds,
-        "commit": links.rpc_seconds,
+        "commit": links.rpc_seconds + links.graph_seconds_per_layer * plan.new_stage_layers,
         "resume": 0.0,
     }
     phases["total"] = sum(phases.values())

@@ -134,9 +134,22 @@ class ShardStaging:
                                 self.max_len, worker.device)
         prepare_fast_path(worker, self.stage)
 
+    def pool_blocks(self) -> int:
+        """Blocks of the target's shape that this worker's pool memory holds (0: it holds no pool or no shard)."""
+        from rempd.engine.kv_cache import KVShape
+        from rempd.topology import kv_heads_per_rank
+
+        shard, worker = self.new_shard, self.worker
+        if shard is None or worker.kv_buffer is None:
+            return 0
+        cfg = worker.setup.model
+        return KVShape(len(shard.layers), self.block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
+                       cfg.head_dim, worker.dtype).blocks_in(worker.kv_buffer)
+
     def cut(self, delta_old: list[int], delta_new: list[int], precopied: dict[int, tuple[list[int], list[int]]],
-            num_blocks: int) -> dict:
-        """Send the delta, drop the old shard and pool, and install the new stage with a pool of `num_blocks`."""
+            num_blocks: int, keep_pool: bool) -> dict:
+        """Send the delta, drop the old shard, and install the new stage with a pool of `num_blocks`: the old
+        pool's memory viewed in the new shape when `keep_pool`, else a fresh pool once the old one is freed."""
         from rempd.engine.kv_cache import KVShape
         from rempd.topology import kv_heads_per_rank
 
@@ -148,16 +161,18 @@ class ShardStaging:
         delta = self._received_kv(packed, received) if delta_old else {}
         self.old_weights.clear()
         worker.stage = None
-        worker.drop_pool()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        if not keep_pool:
+            worker.drop_pool()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         kv = kv_shape = None
         shard = self.new_shard
         if shard is not None:
             cfg = worker.setup.model
             kv_shape = KVShape(len(shard.layers), self.block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
                                cfg.head_dim, worker.dtype)
-            kv = worker.new_pool(kv_shape, num_blocks)
+            # the delta was packed out above and pre-copied blocks are held apart, so the kept bytes are free
+            kv = kv_shape.view(worker.kv_buffer, num_blocks) if keep_pool else worker.new_pool(kv_shape, num_blocks)
             heads = worker.geometry.kv_heads(shard)
 
             def put(i: int, data: torch.Tensor, new_ids: list[int]) -> None:
@@ -176,7 +191,8 @@ class ShardStaging:
         worker.stage, worker.kv, worker.kv_shape, worker.placement = self.stage, kv, kv_shape, self.plan.new
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return {"bytes_sent": self.times.bytes_sent, "bytes_received": self.times.bytes_received}
+        return {"bytes_sent": self.times.bytes_sent, "bytes_received": self.times.bytes_received,
+                "pool_kept": keep_pool}
 
     def abort(self) -> None:
         self.thread.join()
@@ -206,6 +222,8 @@ def stage_step(worker, op: str, *args) -> object:
         return staging.chunk(*args)
     if op == "build":
         return staging.build()
+    if op == "pool_blocks":
+        return staging.pool_blocks()
     if op in ("cut", "abort"):
         worker.staging = None
         return staging.cut(*args) if op == "cut" else staging.abort()

@@ -15,8 +15,8 @@ from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry, shard_of
-from rempd.migrate.transaction import (Fault, SwitchRefused, SwitchTransaction, check_capacity, inject_fault,
-                                      make_plan, tp_member_sets)
+from rempd.migrate.transaction import (REUSE_SHARE, Fault, SwitchRefused, SwitchTransaction, check_capacity,
+                                      inject_fault, make_plan, tp_member_sets)
 from rempd.topology import Placement, Topology, kv_heads_per_rank
 from rempd.worker_pool.pool import WorkerError
 
@@ -201,7 +201,7 @@ class StagedSwitch:
         report.staging_seconds = cut - self.begun
         outputs = engine.quiesce()
         live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
-        num_blocks = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)  # buffers held on device
+        num_blocks, report.kv_pool_kept = self._pool_at_cut()
         while sum(len(s.block_table) for s in live) > num_blocks:
             engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
             report.requests_preempted += 1
@@ -213,7 +213,7 @@ class StagedSwitch:
 
         start = self._enter("delta")
         engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
-                         workers=self.involved)
+                         report.kv_pool_kept, workers=self.involved)
         self._leave("delta", start)
 
         start = self._enter("commit")
@@ -229,6 +229,16 @@ class StagedSwitch:
             engine.pause_report = report  # closed by the first tokens after the cut
         self._finish()
         return outputs
+
+    def _pool_at_cut(self) -> tuple[int, bool]:
+        """(blocks, kept): keep every new worker's pool memory, viewed in the new shape, when it holds nearly
+        what a fresh pool would; a fresh pool is smaller by the pre-copied blocks still held on the device."""
+        engine = self.engine
+        fresh = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)
+        kept = min(engine.pool.call("staged", "pool_blocks", workers=list(self.plan.new.workers)))
+        if kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh):
+            return kept, True
+        return fresh, False
 
     def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
         engine = self.engine
