@@ -17,7 +17,6 @@ import asyncio
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass

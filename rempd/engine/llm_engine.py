@@ -1,7 +1,6 @@
 """The engine loop: schedule → workers execute → postprocess, with pp micro-batches in flight."""
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from collections import deque
@@ -13,25 +12,23 @@ import torch
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
+from rempd.engine.links import calibrate, measure_links, warm_links
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
 from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
 from rempd.engine.step_input import StepInput
-from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
-from rempd.topology import (Placement, Topology, check_topology, group_member_sets, stage_layers,
-                            valid_topologies)
+from rempd.topology import Placement, Topology, check_topology, stage_layers
 from rempd.worker_pool.pool import WorkerPool
 from rempd.worker_pool.worker import WorkerSetup
 
 Progress = Callable[[str, float], None]
-log = logging.getLogger("rempd.engine")
 
 
 @dataclass
@@ -66,21 +63,21 @@ class LLMEngine:
             self.device_slots = DeviceSlots.of(self.devices)
             self.pool = WorkerPool(self.template, self.devices, reply_timeout=config.worker_timeout)
             progress("opening links", 0.0)
-            self.warm_links()
+            warm_links(self)
             progress("building topology", 0.0)
             self.install(Placement.default(topology))
         except BaseException:
             self.store.unlink()
             raise
         self.recoveries: list[RecoveryRecord] = []
-        self.links = self.measure_links()
+        self.links = measure_links(self)
         self.switches: list[SwitchReport] = []
         self.last_output_at = time.perf_counter()
         self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
         self.host_steps, self.host_seconds = 0, 0.0  # driver time per step, without waiting on the workers
-        self.calibrate()
+        calibrate(self)
 
     def install(self, placement: Placement) -> None:
         """Load every active worker's shard from the store and size one KV pool that all of them can hold.
@@ -105,16 +102,6 @@ class LLMEngine:
                                        self.max_model_len, cfg.eos_token_ids)
         else:
             self.scheduler.blocks = blocks
-
-    def warm_links(self) -> None:
-        """Build the groups every valid topology may use and connect every pair of workers, before any KV pool
-        takes the memory those connections need."""
-        cfg = self.model_config
-        topologies = valid_topologies(len(self.devices), cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)
-        member_sets = group_member_sets(topologies, len(self.devices))
-        self.warm_seconds = max(self.pool.call("warm_links", member_sets))
-        self.built_groups = set(member_sets)
-        log.info("groups built and peer links opened in %.3f s", self.warm_seconds)
 
     def warm_up(self) -> float:
         """Capture the decode CUDA graphs of the installed placement (after install and after a switch's commit);
@@ -239,35 +226,6 @@ class LLMEngine:
             return torch.from_numpy(results[self.active.index(self.placement.output_worker)])
         finally:
             blocks.release(seq)
-
-    def measure_links(self) -> LinkSpeeds:
-        """Host-store, peer and local copy speeds, and the costs of a group and an RPC, for plan's predictions."""
-        results = self.pool.call("measure_links")
-        start = time.perf_counter()
-        self.pool.call("info")
-        rpc = time.perf_counter() - start
-
-        def speed(key: str) -> float:
-            rates = sorted(r["bytes"] / r[key] / 1e9 for r in results if r.get(key))
-            return rates[len(rates) // 2] if rates else 1.0
-
-        built = [(i["group_seconds"], i["groups_built"]) for i in self.shard_infos if i["groups_built"]]
-        group = max((sec / n for sec, n in built), default=0.0)
-        allocs = sorted(i["kv_bytes"] / i["kv_alloc_seconds"] / 1e9 for i in self.shard_infos if i["kv_alloc_seconds"])
-        alloc = allocs[len(allocs) // 2] if allocs else 0.0
-        return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc,
-                          graph_seconds_per_layer=self.graph_seconds_per_layer)
-
-    def calibrate(self) -> None:
-        """Switch onto the placement in use, with nothing live: its time beyond what bytes and links explain is
-        the fixed cost plan adds to every prediction. Nothing changes for a client; it is not in the history."""
-        report = SwitchReport(id="calibration", source=str(self.placement), target=str(self.placement.topology))
-        SwitchTransaction(self, self.placement, report, self.links).run()
-        if report.state != "committed":
-            raise RuntimeError(f"the start-up calibration switch failed: {report.error}")
-        self.links.fixed_seconds = max(0.0, report.total_seconds - report.predicted["total"])
-        log.info("calibration switch: %.3f s, %.3f s of it fixed cost", report.total_seconds,
-                 self.links.fixed_seconds)
 
     def switch(self, target: Topology | Placement, report: SwitchReport, fault: Fault | None = None,
                on_phase: Callable[[SwitchReport], None] | None = None) -> list[RequestOutput]:

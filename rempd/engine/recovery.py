@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from rempd.engine.links import warm_links
 from rempd.topology import Placement, Topology, valid_topologies
 from rempd.worker_pool.pool import WorkerError, WorkerPool
 
@@ -119,7 +120,7 @@ def recover(engine, reason: str) -> RecoveryRecord:
     engine.pool = spawn_pool(engine.template, engine.device_slots, record, engine.config.worker_timeout)
     record.phases["spawn"] = time.perf_counter() - begin - record.phases["close"]
     engine.devices = list(engine.device_slots.devices)
-    engine.warm_links()
+    warm_links(engine)
     failures = []
     for topology in candidate_topologies(old.topology, len(engine.devices), engine.model_config):
         placement = old if topology == old.topology and not record.lost_devices else Placement.default(topology)

@@ -15,13 +15,14 @@ from rempd.engine.step_input import StepInput
 from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
-from rempd.migrate.reshard import switch_shard, transform_bytes
+from rempd.migrate.reshard import switch_shard
 from rempd.migrate.stage_shard import ShardStaging, stage_step
-from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.migrate.shards import ModelGeometry
 from rempd.model.llama import LlamaStage
 from rempd.model.weight_source import WeightSource
 from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank, stage_layers
+from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
 from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.step_runner import StepRunner, use_kernels
@@ -161,19 +162,7 @@ class Worker:
         return sample(out, step.samples) if step.samples else None
 
     def kv_capacity(self, placement: Placement, block_size: int) -> int | None:
-        """KV blocks this worker could hold under `placement`, counting what a switch would free."""
-        shard = shard_of(self.setup.model, placement, self.setup.index)
-        if shard is None:
-            return None
-        cfg = self.setup.model
-        shape = KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, placement.topology.tp),
-                        cfg.head_dim, self.dtype)
-        budget = kv_budget_bytes(self.device, self.setup.kv_cache_memory, self.setup.gpu_memory_utilization,
-                                 reserve_bytes=1 << 30)
-        if self.device.type == "cuda":
-            held = self.info()
-            budget += held["kv_bytes"] + held["weight_bytes"] - self.geometry.weight_bytes(shard)
-        return budget // shape.bytes_per_block
+        return device_memory.kv_capacity(self, placement, block_size)
 
     def new_pool(self, shape: KVShape, num_blocks: int) -> torch.Tensor:
         self.kv_buffer = shape.allocate(num_blocks, self.device)
@@ -183,34 +172,10 @@ class Worker:
         self.kv = self.kv_buffer = None
 
     def reusable_blocks(self, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
-        """Blocks of the target's shape that this worker's pool memory holds, if the switch can keep that memory
-        (the new shard and the transfers fit beside it): no free, allocation or zeroing of the pool. 0 if not."""
-        shard = shard_of(self.setup.model, plan.new, self.setup.index)
-        if shard is None or self.kv_buffer is None:
-            return 0
-        cfg = self.setup.model
-        shape = KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
-                        cfg.head_dim, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            needed = transform_bytes(plan, self.setup.index, self.geometry.weight_bytes(shard), round_bytes)
-            if free + cached - (1 << 30) < needed:
-                return 0
-        return shape.blocks_in(self.kv_buffer)
+        return device_memory.reusable_blocks(self, plan, block_size, round_bytes)
 
     def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> int | None:
-        """Bytes this device has left at the transform's peak, when old and new shards coexist (negative: it
-        would run out); None on CPU, whose workers share the host's memory."""
-        if self.device.type != "cuda":
-            return None
-        shard = shard_of(self.setup.model, plan.new, self.setup.index)
-        new_bytes = self.geometry.weight_bytes(shard) if shard else 0
-        free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        held_kv = 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
-        needed = transform_bytes(plan, self.setup.index, new_bytes, round_bytes)
-        return free + cached + held_kv - (1 << 30) - needed
+        return device_memory.transform_headroom(self, plan, round_bytes)
 
     def capture_graphs(self, max_batch: int) -> float:
         """Capture decode graphs for the current shard and KV pool (after install and after a switch; every
@@ -221,42 +186,10 @@ class Worker:
         return self.runner.capture(self.stage, self.kv, self.setup.model.hidden_size, max_blocks, max_batch)
 
     def prepare_groups(self, placement: Placement) -> int:
-        """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
-        communicator on its first use, which belongs to this phase, not to the first step after the switch.
-        Every worker calls this together."""
-        built = self.groups.build(placement)
-        coords = placement.coords(self.setup.index)
-        if coords is not None:
-            pp_rank, tp_rank = coords
-            token = torch.zeros(1, device=self.device)
-            group = self.groups.get(placement.tp_group(pp_rank))
-            if group is not None:
-                dist.all_reduce(token, group=group)
-            if pp_rank > 0:
-                dist.recv(token, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
-            if pp_rank < placement.topology.pp - 1:
-                dist.send(token, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world)
-            self._sync()
-        return built
+        return links.prepare_groups(self, placement)
 
     def warm_links(self, member_sets: list[tuple[int, ...]]) -> float:
-        """Build these groups and open every peer link now, at start-up: NCCL connects a group on its first
-        collective and a pair of workers on their first transfer, which would otherwise land inside a switch.
-        Every worker calls this together; returns the seconds it took."""
-        start = time.perf_counter()
-        self.groups.build_sets(member_sets)
-        token = torch.zeros(1, device=self.device)
-        for members in sorted({tuple(sorted(m)) for m in member_sets}):
-            if self.setup.index in members:
-                dist.all_reduce(token, group=self.groups.get(members))
-        me, size = self.setup.index, self.setup.world_size
-        peers = [rank for rank in range(size) if rank != me]
-        ops = [dist.P2POp(dist.isend, token, peer, self.world) for peer in peers]
-        ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=self.device), peer, self.world) for peer in peers]
-        for request in dist.batch_isend_irecv(ops) if ops else []:
-            request.wait()
-        self._sync()
-        return time.perf_counter() - start
+        return links.warm_links(self, member_sets)
 
     def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
                max_len: int, round_bytes: int) -> dict:
@@ -272,49 +205,10 @@ class Worker:
         return stage_step(self, op, *args)
 
     def measure_links(self, size_bytes: int = 32 << 20) -> dict:
-        """Seconds to move `size_bytes` host store → device, within the device, and to a peer. All workers call
-        this together, which also makes every worker take part in the world group's first batched transfer,
-        as NCCL requires."""
-        src = self.store.buffer()[:size_bytes]
-        dst = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
-        timings = {}
-        for name, action in (("host", lambda: dst.copy_(src)), ("local", lambda: dst.clone())):
-            action()
-            self._sync()
-            start = time.perf_counter()
-            action()
-            self._sync()
-            timings[name] = time.perf_counter() - start
-        size, me = self.setup.world_size, self.setup.index
-        if size > 1:  # a ring: every worker sends to the next and receives from the previous, all at once
-            for _ in range(2):  # the first exchange also sets up the connections
-                self._sync()
-                start = time.perf_counter()
-                ops = [dist.P2POp(dist.isend, dst, (me + 1) % size, self.world),
-                       dist.P2POp(dist.irecv, torch.empty_like(dst), (me - 1) % size, self.world)]
-                for request in dist.batch_isend_irecv(ops):
-                    request.wait()
-                self._sync()
-                timings["peer"] = time.perf_counter() - start
-        return {"bytes": src.numel(), **timings}
+        return links.measure_links(self, size_bytes)
 
     def measure_all_reduce(self, numels: list[int], iterations: int = 20) -> dict[int, float]:
-        """Seconds of one all-reduce of each size (elements of the model dtype) on this worker's TP group, for the
-        decode benchmark's floor. Every active worker calls this together."""
-        group = self.stage.tp.group if self.stage is not None else None
-        if group is None:
-            return {}
-        timings = {}
-        for numel in numels:
-            x = torch.ones(numel, dtype=self.dtype, device=self.device)
-            dist.all_reduce(x, group=group)  # warm
-            self._sync()
-            start = time.perf_counter()
-            for _ in range(iterations):
-                dist.all_reduce(x, group=group)
-            self._sync()
-            timings[numel] = (time.perf_counter() - start) / iterations
-        return timings
+        return links.measure_all_reduce(self, numels, iterations)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -1,0 +1,55 @@
+"""The engine's view of its links, set up once at start-up: groups and peer connections opened before any KV
+pool takes their memory, link speeds measured for plan's predictions, and the fixed cost of a switch calibrated."""
+from __future__ import annotations
+
+import logging
+import time
+
+from rempd.migrate.predict import LinkSpeeds
+from rempd.migrate.report import SwitchReport
+from rempd.migrate.transaction import SwitchTransaction
+from rempd.topology import group_member_sets, valid_topologies
+
+log = logging.getLogger("rempd.engine")
+
+
+def warm_links(engine) -> None:
+    """Build the groups every valid topology may use and connect every pair of workers, before any KV pool
+    takes the memory those connections need."""
+    cfg = engine.model_config
+    topologies = valid_topologies(len(engine.devices), cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)
+    member_sets = group_member_sets(topologies, len(engine.devices))
+    engine.warm_seconds = max(engine.pool.call("warm_links", member_sets))
+    engine.built_groups = set(member_sets)
+    log.info("groups built and peer links opened in %.3f s", engine.warm_seconds)
+
+
+def measure_links(engine) -> LinkSpeeds:
+    """Host-store, peer and local copy speeds, and the costs of a group and an RPC, for plan's predictions."""
+    results = engine.pool.call("measure_links")
+    start = time.perf_counter()
+    engine.pool.call("info")
+    rpc = time.perf_counter() - start
+
+    def speed(key: str) -> float:
+        rates = sorted(r["bytes"] / r[key] / 1e9 for r in results if r.get(key))
+        return rates[len(rates) // 2] if rates else 1.0
+
+    built = [(i["group_seconds"], i["groups_built"]) for i in engine.shard_infos if i["groups_built"]]
+    group = max((sec / n for sec, n in built), default=0.0)
+    allocs = sorted(i["kv_bytes"] / i["kv_alloc_seconds"] / 1e9 for i in engine.shard_infos if i["kv_alloc_seconds"])
+    alloc = allocs[len(allocs) // 2] if allocs else 0.0
+    return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc,
+                      graph_seconds_per_layer=engine.graph_seconds_per_layer)
+
+
+def calibrate(engine) -> None:
+    """Switch onto the placement in use, with nothing live: its time beyond what bytes and links explain is
+    the fixed cost plan adds to every prediction. Nothing changes for a client; it is not in the history."""
+    report = SwitchReport(id="calibration", source=str(engine.placement), target=str(engine.placement.topology))
+    SwitchTransaction(engine, engine.placement, report, engine.links).run()
+    if report.state != "committed":
+        raise RuntimeError(f"the start-up calibration switch failed: {report.error}")
+    engine.links.fixed_seconds = max(0.0, report.total_seconds - report.predicted["total"])
+    log.info("calibration switch: %.3f s, %.3f s of it fixed cost", report.total_seconds,
+             engine.links.fixed_seconds)

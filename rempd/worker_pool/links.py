@@ -1,0 +1,97 @@
+"""A worker's communication links: groups built and first used before they are needed, and link speeds
+measured at start-up for plan's predictions. Every worker runs these together (they are collectives)."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from rempd.topology import Placement
+
+
+def prepare_groups(worker, placement: Placement) -> int:
+    """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
+    communicator on its first use, which belongs to this phase, not to the first step after the switch.
+    Every worker calls this together."""
+    built = worker.groups.build(placement)
+    coords = placement.coords(worker.setup.index)
+    if coords is not None:
+        pp_rank, tp_rank = coords
+        token = torch.zeros(1, device=worker.device)
+        group = worker.groups.get(placement.tp_group(pp_rank))
+        if group is not None:
+            dist.all_reduce(token, group=group)
+        if pp_rank > 0:
+            dist.recv(token, src=placement.worker(pp_rank - 1, tp_rank), group=worker.world)
+        if pp_rank < placement.topology.pp - 1:
+            dist.send(token, dst=placement.worker(pp_rank + 1, tp_rank), group=worker.world)
+        worker._sync()
+    return built
+
+
+def warm_links(worker, member_sets: list[tuple[int, ...]]) -> float:
+    """Build these groups and open every peer link now, at start-up: NCCL connects a group on its first
+    collective and a pair of workers on their first transfer, which would otherwise land inside a switch.
+    Every worker calls this together; returns the seconds it took."""
+    start = time.perf_counter()
+    worker.groups.build_sets(member_sets)
+    token = torch.zeros(1, device=worker.device)
+    for members in sorted({tuple(sorted(m)) for m in member_sets}):
+        if worker.setup.index in members:
+            dist.all_reduce(token, group=worker.groups.get(members))
+    me, size = worker.setup.index, worker.setup.world_size
+    peers = [rank for rank in range(size) if rank != me]
+    ops = [dist.P2POp(dist.isend, token, peer, worker.world) for peer in peers]
+    ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=worker.device), peer, worker.world) for peer in peers]
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    worker._sync()
+    return time.perf_counter() - start
+
+
+def measure_links(worker, size_bytes: int = 32 << 20) -> dict:
+    """Seconds to move `size_bytes` host store → device, within the device, and to a peer. All workers call
+    this together, which also makes every worker take part in the world group's first batched transfer,
+    as NCCL requires."""
+    src = worker.store.buffer()[:size_bytes]
+    dst = torch.empty(src.numel(), dtype=torch.uint8, device=worker.device)
+    timings = {}
+    for name, action in (("host", lambda: dst.copy_(src)), ("local", lambda: dst.clone())):
+        action()
+        worker._sync()
+        start = time.perf_counter()
+        action()
+        worker._sync()
+        timings[name] = time.perf_counter() - start
+    size, me = worker.setup.world_size, worker.setup.index
+    if size > 1:  # a ring: every worker sends to the next and receives from the previous, all at once
+        for _ in range(2):  # the first exchange also sets up the connections
+            worker._sync()
+            start = time.perf_counter()
+            ops = [dist.P2POp(dist.isend, dst, (me + 1) % size, worker.world),
+                   dist.P2POp(dist.irecv, torch.empty_like(dst), (me - 1) % size, worker.world)]
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+            worker._sync()
+            timings["peer"] = time.perf_counter() - start
+    return {"bytes": src.numel(), **timings}
+
+
+def measure_all_reduce(worker, numels: list[int], iterations: int = 20) -> dict[int, float]:
+    """Seconds of one all-reduce of each size (elements of the model dtype) on this worker's TP group, for the
+    decode benchmark's floor. Every active worker calls this together."""
+    group = worker.stage.tp.group if worker.stage is not None else None
+    if group is None:
+        return {}
+    timings = {}
+    for numel in numels:
+        x = torch.ones(numel, dtype=worker.dtype, device=worker.device)
+        dist.all_reduce(x, group=group)  # warm
+        worker._sync()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            dist.all_reduce(x, group=group)
+        worker._sync()
+        timings[numel] = (time.perf_counter() - start) / iterations
+    return timings
