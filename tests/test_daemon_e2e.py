@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from conftest import RunningDaemon
-from fault_tools import gone, health, wait_for
+from fault_tools import gone, health, stream_in_background, wait_for
 
 KEY = "secret"
 TP2PP2 = {"tp": 2, "pp": 2}
@@ -149,25 +148,6 @@ def test_bad_input_gets_a_4xx_error_body_and_serving_goes_on(daemon, case):
 
 
 # --- 3. a worker killed with -9 -----------------------------------------------------------------------------
-
-def stream_in_background(daemon: RunningDaemon, max_tokens: int, key: str | None = None) -> dict:
-    """Stream one completion on a thread; the dict fills with its chunks and its outcome."""
-    result: dict = {"chunks": [], "error": None, "finish_reason": None}
-
-    def run() -> None:
-        try:
-            for event in client(daemon, key or "none").completions.create(
-                    model=daemon.model_name, prompt="A long story:", max_tokens=max_tokens, temperature=0,
-                    stream=True, extra_body={"ignore_eos": True}):
-                result["chunks"].append(event.choices[0].text)
-                result["finish_reason"] = event.choices[0].finish_reason or result["finish_reason"]
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            result["error"] = exc
-
-    result["thread"] = threading.Thread(target=run, daemon=True)
-    result["thread"].start()
-    return result
-
 
 def test_a_killed_worker_is_replaced_from_the_weight_store(checkpoints, start_daemon, tmp_path):
     # The daemon loads a copy, and the copy is moved away before the kill: recovery can only use /dev/shm.
