@@ -75,7 +75,10 @@ def check_no_leaks(daemon) -> dict:
     return now
 
 
-def stream_in_background(daemon, max_tokens: int, prompt: str = "A long story:") -> dict:
+STREAM_PROMPT = "A long story:"
+
+
+def stream_in_background(daemon, max_tokens: int, prompt: str = STREAM_PROMPT) -> dict:
     """Stream one completion on a thread; the dict fills with its chunks and its outcome."""
     result: dict = {"chunks": [], "error": None, "finish_reason": None}
 

@@ -163,11 +163,8 @@ def test_a_killed_worker_is_replaced_from_the_weight_store(checkpoints, start_da
 
     streaming["thread"].join(60)
     assert not streaming["thread"].is_alive(), "a stream running through the kill hung"
-    if streaming["error"] is not None:  # it may also have finished before the engine noticed
-        assert isinstance(streaming["error"], openai.APIError) and "died" in str(streaming["error"]), \
-            streaming["error"]
-    else:
-        assert streaming["finish_reason"] == "length"
+    # nothing lost: the request recomputed its KV on the respawned workers and went on where it was
+    assert streaming["error"] is None and streaming["finish_reason"] == "length", streaming["error"]
 
     wait_for(lambda: health(daemon) == 200, 60, "/health 200 again")
     after = status(daemon)
@@ -175,6 +172,7 @@ def test_a_killed_worker_is_replaced_from_the_weight_store(checkpoints, start_da
     assert all(w["state"] == "active" for w in after["workers"])
     assert not set(old) & {w["pid"] for w in after["workers"]}
     assert gone(old[1])
+    assert "".join(streaming["chunks"]) == greedy(daemon, "A long story:", 400, key="none")
     assert greedy(daemon, "After the recovery", 5, key="none")
 
     # Killed while idle: no engine step runs into the dead worker, and /health must still come back.

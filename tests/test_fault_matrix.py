@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from conftest import RunningDaemon
-from fault_tools import check_no_leaks, gone, greedy, health, metric, status, stream_in_background, store_segments, \
-    wait_for
+from fault_tools import STREAM_PROMPT, check_no_leaks, gone, greedy, health, metric, status, stream_in_background, \
+    store_segments, wait_for
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 PHASES = ["plan", "quiesce", "groups", "transform", "commit"]
@@ -94,10 +94,9 @@ def test_a_worker_fault_ends_in_a_recovered_daemon(daemon, reference, sig, role,
     if stream is not None:
         stream["thread"].join(60 + 3 * WORKER_TIMEOUT)
         assert not stream["thread"].is_alive(), "a stream running through the fault hung"
-        if stream["error"] is not None:  # a step that met the fault fails its requests with a retryable error
-            assert "died" in str(stream["error"]) or "no reply" in str(stream["error"]), stream["error"]
-        else:
-            assert stream["finish_reason"] == "length"
+        # nothing lost: a request the fault met recomputes its KV on the rebuilt workers and goes on
+        assert stream["error"] is None and stream["finish_reason"] == "length", stream["error"]
+        assert "".join(stream["chunks"]) == greedy(daemon, STREAM_PROMPT, 300)
     if report is not None:
         # a fault the switch met rolls it back; a standby it never called is found after it committed
         assert report["state"] in ("rolled_back", "committed"), report

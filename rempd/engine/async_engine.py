@@ -119,7 +119,6 @@ class AsyncEngine:
             future.set_result(fn())
         except WorkerError as exc:
             future.set_exception(exc)
-            self._emit(self.engine.fail_all(f"request failed: {exc}".splitlines()[0]))
             self._recover(str(exc).splitlines()[0])
         except Exception as exc:  # noqa: BLE001 - the caller gets it
             future.set_exception(exc)
@@ -187,7 +186,6 @@ class AsyncEngine:
         except WorkerError as exc:  # the old topology failed a step
             self.staging = None
             log.error("worker failure while staging: %s", exc)
-            self._emit(self.engine.fail_all(f"request failed: {exc}".splitlines()[0]))
             staged.abandon(f"worker failure while staging: {exc}".splitlines()[0])
             done.set_result(staged.report)
             self._recover()
@@ -226,7 +224,6 @@ class AsyncEngine:
                 self._emit(engine.step())
             except WorkerError as exc:
                 log.error("worker failure: %s", exc)
-                self._emit(engine.fail_all(f"request failed: {exc}".splitlines()[0]))
                 self._recover(str(exc).splitlines()[0])
 
     def _ping(self) -> None:
@@ -238,6 +235,9 @@ class AsyncEngine:
             self._recover(str(exc).splitlines()[0])
 
     def _recover(self, reason: str = "a worker failure") -> None:
+        """Respawn the workers and rebuild the topology. Running requests keep what they streamed and recompute
+        their KV on the rebuilt workers (the sampler gives the same tokens again); only if recovery fails do
+        they end, with an error."""
         if self.staging is not None:  # respawned workers hold nothing of what was staged
             staged, done = self.staging
             self.staging = None
@@ -248,6 +248,7 @@ class AsyncEngine:
             self.engine.recover(reason)
         except Exception:
             log.exception("could not recover the worker pool")
+            self._emit(self.engine.fail_all(f"request failed: {reason}; the workers could not be restarted"))
             self.is_failed = True
             self.stopping.set()
         finally:

@@ -84,6 +84,7 @@ class Scheduler:
         self.blocks.release(seq)
         self.running.remove(seq)
         seq.num_computed = 0
+        seq.in_flight = False  # a step still in flight for it (cut short by a worker failure) is forgotten
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preempted += 1
