@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import ensure_checkpoint  # noqa: E402
 from load import wait_healthy  # noqa: E402
 from switch_matrix import control, parse, start_daemon, switch  # noqa: E402
 
@@ -239,10 +240,7 @@ async def main() -> int:
         if args.attach:
             url, socket_path, pid, name = args.url, args.socket, args.pid, args.model_name
         else:
-            model = Path(args.checkpoints) / args.shape
-            if not (model / "config.json").exists():
-                from rempd.model.make_checkpoint import make_checkpoint
-                make_checkpoint(args.shape, model)
+            model = ensure_checkpoint(args.checkpoints, args.shape)
             port, socket_path, name = free_port(), f"{tmp}/rempd.sock", args.shape
             url = f"http://127.0.0.1:{port}"
             daemon = start_daemon(model, args.devices, args.start, port, socket_path, [], Path(tmp) / "rempd.log")

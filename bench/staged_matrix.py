@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import add_matrix_args, ensure_checkpoint  # noqa: E402
 from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
 from switch_matrix import control, parse, start_daemon  # noqa: E402
 
@@ -117,19 +118,11 @@ async def run(model: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", required=True)
-    ap.add_argument("--devices", default="0,1,2,3")
-    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
-    ap.add_argument("--checkpoints", default="/tmp/remp-checkpoints")
-    ap.add_argument("--clients", type=int, default=8)
+    add_matrix_args(ap, TOPOLOGIES, max_tokens=128)
     ap.add_argument("--probes", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    model = Path(args.checkpoints) / args.shape
-    if not (model / "config.json").exists():
-        from rempd.model.make_checkpoint import make_checkpoint
-        make_checkpoint(args.shape, model)
+    model = ensure_checkpoint(args.checkpoints, args.shape)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run(model, args))
     Path(args.out).write_text(json.dumps(results, indent=1))

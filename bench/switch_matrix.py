@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import add_matrix_args, ensure_checkpoint  # noqa: E402
 from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
 
 TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1", "TP1PP2", "TP2PP1"]
@@ -150,12 +151,7 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", required=True)
-    ap.add_argument("--devices", default="0,1,2,3")
-    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
-    ap.add_argument("--checkpoints", default="/tmp/remp-checkpoints")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=192)
+    add_matrix_args(ap, TOPOLOGIES, max_tokens=192)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warm-s", type=float, default=1.0, help="seconds of streaming before each switch")
     ap.add_argument("--no-restart", action="store_true")
@@ -163,10 +159,7 @@ async def main() -> None:
     ap.add_argument("--restart-topologies", help="restart into these targets only (default: every topology)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    model = Path(args.checkpoints) / args.shape
-    if not (model / "config.json").exists():
-        from rempd.model.make_checkpoint import make_checkpoint
-        make_checkpoint(args.shape, model)
+    model = ensure_checkpoint(args.checkpoints, args.shape)
     topologies = args.topologies.split(",")
     out = Path(args.out)
     log_path = out.with_suffix(".log")

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from workload import Lengths, Phase, pct, replay
+from replay import Lengths, Phase, pct, replay
 
 
 def run_aiperf(args, artifacts: Path) -> dict:

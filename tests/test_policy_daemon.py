@@ -3,7 +3,7 @@
 On CPU the tiny model's topologies differ little in speed, so the profiles are given: TP2PP1 is fast but carries at
 most 3 requests/s, TP1PP2 is slower but carries 50. The objectives are loose enough that the measured latency of
 the tiny model never decides anything: which topology is right depends only on the load, which the daemon must
-observe itself (arrivals through the OpenAI API, replayed by bench/workload.py with the official client) and act
+observe itself (arrivals through the OpenAI API, replayed by bench/replay.py with the official client) and act
 on through its own switch path. Profile learning is off so that the given profiles stay what the test says.
 """
 import asyncio
@@ -20,10 +20,10 @@ from rempd.policy.profile import ProfilePoint, ProfileSet, TopologyProfile, prof
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_workload():
+def load_replayer():
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    return importlib.import_module("workload")
+    return importlib.import_module("replay")
 
 
 def write_profiles(state_dir: Path, model: str) -> None:
@@ -41,12 +41,12 @@ def test_auto_mode_switches_up_with_the_load_and_back_down(checkpoints, start_da
         "--state-dir", str(tmp_path / "state"), "--policy", "auto", "--slo-ttft", "5", "--slo-itl", "1",
         "--policy-window", "2", "--policy-dwell", "3", "--policy-interval", "0.2", "--no-policy-learn",
         "--policy-topologies", "TP2PP1,TP1PP2"])
-    workload = load_workload()
+    replayer = load_replayer()
     # low 0.5/s for 4 s, 8/s for 7 s, low again for 9 s
-    phases = [workload.Phase("low", 0, 4, 0.5, 0.5), workload.Phase("peak", 4, 7, 8.0, 8.0),
-              workload.Phase("after", 11, 9, 0.5, 0.5)]
-    records = asyncio.run(workload.replay(daemon.base_url, daemon.model_name, phases, workload.Lengths(16, 0.0),
-                                          workload.Lengths(8, 0.0), seed=3))
+    phases = [replayer.Phase("low", 0, 4, 0.5, 0.5), replayer.Phase("peak", 4, 7, 8.0, 8.0),
+              replayer.Phase("after", 11, 9, 0.5, 0.5)]
+    records = asyncio.run(replayer.replay(daemon.base_url, daemon.model_name, phases, replayer.Lengths(16, 0.0),
+                                          replayer.Lengths(8, 0.0), seed=3))
     assert len(records) > 30
     assert [r.error for r in records if r.error] == []
 

@@ -27,7 +27,7 @@ def reference(daemon):
 
 
 def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
-    # this module covers the stop-the-world transaction; tests/test_switch_staged.py the staged default
+    # this module covers the stop-the-world transaction (the default); tests/test_switch_staged.py the staged one
     response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, "mode": "stop_the_world", **extra})
     assert response.status_code == 202, response.text
     switch_id = response.json()["id"]

@@ -168,12 +168,10 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     (stage, kv, kv_shape, report). When the pool's memory holds `num_blocks` of the new shape and the transfers fit
     beside it, the new pool is a new view of the same bytes; otherwise the old pool is freed before the new one
     is allocated, so the two never coexist."""
-    from rempd.engine.kv_cache import KVShape
     from rempd.model.layers import TensorParallel
     from rempd.model.llama import LlamaStage
     from rempd.model.weight_source import WeightSource
     from rempd.migrate.shards import shard_of
-    from rempd.topology import kv_heads_per_rank
 
     me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
     old_shard, new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
@@ -242,8 +240,7 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         clock.mark("weights_free")
     kv = kv_shape = None
     if new_shard is not None:
-        kv_shape = KVShape(len(new_shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, new_shard.tp),
-                           cfg.head_dim, dtype)
+        kv_shape = worker.kv_shape_for(new_shard, block_size)
         # live blocks were packed out above, so the kept bytes may be overwritten
         kv = kv_shape.view(worker.kv_buffer, num_blocks) if reuse else worker.new_pool(kv_shape, num_blocks)
         clock.mark("kv_alloc")

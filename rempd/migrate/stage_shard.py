@@ -15,6 +15,7 @@ import torch
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.reshard import PieceKey, ReshardTimes, pack_kv, post_round
 from rempd.migrate.shards import shard_of
+from rempd.worker_pool.device_memory import RESERVE_BYTES
 
 
 def prepare_fast_path(worker, stage) -> None:
@@ -136,23 +137,15 @@ class ShardStaging:
 
     def pool_blocks(self) -> int:
         """Blocks of the target's shape that this worker's pool memory holds (0: it holds no pool or no shard)."""
-        from rempd.engine.kv_cache import KVShape
-        from rempd.topology import kv_heads_per_rank
-
         shard, worker = self.new_shard, self.worker
         if shard is None or worker.kv_buffer is None:
             return 0
-        cfg = worker.setup.model
-        return KVShape(len(shard.layers), self.block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
-                       cfg.head_dim, worker.dtype).blocks_in(worker.kv_buffer)
+        return worker.kv_shape_for(shard, self.block_size).blocks_in(worker.kv_buffer)
 
     def cut(self, delta_old: list[int], delta_new: list[int], precopied: dict[int, tuple[list[int], list[int]]],
             num_blocks: int, keep_pool: bool) -> dict:
         """Send the delta, drop the old shard, and install the new stage with a pool of `num_blocks`: the old
         pool's memory viewed in the new shape when `keep_pool`, else a fresh pool once the old one is freed."""
-        from rempd.engine.kv_cache import KVShape
-        from rempd.topology import kv_heads_per_rank
-
         worker, dev = self.worker, self.worker.device
         worker._wait_sends()
         worker.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
@@ -168,9 +161,7 @@ class ShardStaging:
         kv = kv_shape = None
         shard = self.new_shard
         if shard is not None:
-            cfg = worker.setup.model
-            kv_shape = KVShape(len(shard.layers), self.block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
-                               cfg.head_dim, worker.dtype)
+            kv_shape = worker.kv_shape_for(shard, self.block_size)
             # the delta was packed out above and pre-copied blocks are held apart, so the kept bytes are free
             kv = kv_shape.view(worker.kv_buffer, num_blocks) if keep_pool else worker.new_pool(kv_shape, num_blocks)
             heads = worker.geometry.kv_heads(shard)
@@ -209,7 +200,7 @@ def stage_step(worker, op: str, *args) -> object:
         if worker.device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(worker.device)
-        return max(0, free - (1 << 30))
+        return max(0, free - RESERVE_BYTES)
     if op == "begin":
         worker.staging = ShardStaging(worker, *args)
         return None

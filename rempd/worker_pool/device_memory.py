@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from rempd.engine.kv_cache import KVShape, kv_budget_bytes
+from rempd.engine.kv_cache import kv_budget_bytes
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import transform_bytes
 from rempd.migrate.shards import shard_of
-from rempd.topology import Placement, kv_heads_per_rank
+from rempd.topology import Placement
+
+RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL's own needs
+
+
+def spare_bytes(worker) -> int:
+    """Device memory a worker can still take: free, plus what its allocator caches unused, less the reserve."""
+    free, _ = torch.cuda.mem_get_info(worker.device)
+    cached = torch.cuda.memory_reserved(worker.device) - torch.cuda.memory_allocated(worker.device)
+    return free + cached - RESERVE_BYTES
 
 
 def kv_capacity(worker, placement: Placement, block_size: int) -> int | None:
@@ -15,11 +24,9 @@ def kv_capacity(worker, placement: Placement, block_size: int) -> int | None:
     shard = shard_of(worker.setup.model, placement, worker.setup.index)
     if shard is None:
         return None
-    cfg = worker.setup.model
-    shape = KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, placement.topology.tp),
-                    cfg.head_dim, worker.dtype)
+    shape = worker.kv_shape_for(shard, block_size)
     budget = kv_budget_bytes(worker.device, worker.setup.kv_cache_memory, worker.setup.gpu_memory_utilization,
-                             reserve_bytes=1 << 30)
+                             reserve_bytes=RESERVE_BYTES)
     if worker.device.type == "cuda":
         held = worker.info()
         budget += held["kv_bytes"] + held["weight_bytes"] - worker.geometry.weight_bytes(shard)
@@ -32,16 +39,11 @@ def reusable_blocks(worker, plan: SwitchPlan, block_size: int, round_bytes: int)
     shard = shard_of(worker.setup.model, plan.new, worker.setup.index)
     if shard is None or worker.kv_buffer is None:
         return 0
-    cfg = worker.setup.model
-    shape = KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp),
-                    cfg.head_dim, worker.dtype)
     if worker.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(worker.device)
-        cached = torch.cuda.memory_reserved(worker.device) - torch.cuda.memory_allocated(worker.device)
         needed = transform_bytes(plan, worker.setup.index, worker.geometry.weight_bytes(shard), round_bytes)
-        if free + cached - (1 << 30) < needed:
+        if spare_bytes(worker) < needed:
             return 0
-    return shape.blocks_in(worker.kv_buffer)
+    return worker.kv_shape_for(shard, block_size).blocks_in(worker.kv_buffer)
 
 
 def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> int | None:
@@ -51,8 +53,5 @@ def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> int | None
         return None
     shard = shard_of(worker.setup.model, plan.new, worker.setup.index)
     new_bytes = worker.geometry.weight_bytes(shard) if shard else 0
-    free, _ = torch.cuda.mem_get_info(worker.device)
-    cached = torch.cuda.memory_reserved(worker.device) - torch.cuda.memory_allocated(worker.device)
     held_kv = 0 if worker.kv is None else worker.kv.numel() * worker.kv.element_size()
-    needed = transform_bytes(plan, worker.setup.index, new_bytes, round_bytes)
-    return free + cached + held_kv - (1 << 30) - needed
+    return spare_bytes(worker) + held_kv - transform_bytes(plan, worker.setup.index, new_bytes, round_bytes)

@@ -17,11 +17,11 @@ from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import switch_shard
 from rempd.migrate.stage_shard import ShardStaging, stage_step
-from rempd.migrate.shards import ModelGeometry
+from rempd.migrate.shards import ModelGeometry, Shard, shard_of
 from rempd.model.llama import LlamaStage
 from rempd.model.weight_source import WeightSource
 from rempd.shm_store.store import WeightStore
-from rempd.topology import Placement, kv_heads_per_rank, stage_layers
+from rempd.topology import Placement, kv_heads_per_rank
 from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
 from rempd.worker_pool.step_channel import StepChannel
@@ -102,21 +102,17 @@ class Worker:
         """Build this worker's stage of `placement` from the weight store; standby workers hold nothing."""
         self.release()
         self.placement = placement
-        coords = placement.coords(self.setup.index)
-        if coords is None:
+        shard = shard_of(self.setup.model, placement, self.setup.index)
+        if shard is None:
             return None
-        pp_rank, tp_rank = coords
-        cfg, topo = self.setup.model, placement.topology
-        members = placement.tp_group(pp_rank)
-        tp = TensorParallel(topo.tp, tp_rank, self.groups.get(members), members)
-        layers = stage_layers(cfg.num_layers, topo.pp)[pp_rank]
-        self.stage = LlamaStage(cfg, layers, pp_rank == 0, pp_rank == topo.pp - 1, tp,
+        members = placement.tp_group(shard.pp_rank)
+        tp = TensorParallel(shard.tp, shard.tp_rank, self.groups.get(members), members)
+        self.stage = LlamaStage(self.setup.model, shard.layers, shard.is_first, shard.is_last, tp,
                                 self.host_source(), max_len, self.device)
         weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.stage))
-        self.kv_shape = KVShape(len(layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, topo.tp),
-                                cfg.head_dim, self.dtype)
+        self.kv_shape = self.kv_shape_for(shard, block_size)
         budget = kv_budget_bytes(self.device, self.setup.kv_cache_memory, self.setup.gpu_memory_utilization,
-                                 reserve_bytes=1 << 30)
+                                 reserve_bytes=device_memory.RESERVE_BYTES)
         per_block = self.kv_shape.bytes_per_block
         return ShardInfo(weight_bytes, per_block, budget // per_block)
 
@@ -163,6 +159,11 @@ class Worker:
 
     def kv_capacity(self, placement: Placement, block_size: int) -> int | None:
         return device_memory.kv_capacity(self, placement, block_size)
+
+    def kv_shape_for(self, shard: Shard, block_size: int) -> KVShape:
+        cfg = self.setup.model
+        return KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp), cfg.head_dim,
+                       self.dtype)
 
     def new_pool(self, shape: KVShape, num_blocks: int) -> torch.Tensor:
         self.kv_buffer = shape.allocate(num_blocks, self.device)
