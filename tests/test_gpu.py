@@ -98,15 +98,17 @@ def test_kernels_and_graphs_match_the_reference(llama1b, fp32_reference, tp, pp)
 
 
 def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
+    """A switch captures only the buckets of its live batch; a batch of another size captures its bucket on
+    first use, with the same tokens."""
     need_gpus(4)
     tokens, _ = fp32_reference
     with LLM(llama1b, tp=2, pp=2, devices=[0, 1, 2, 3], **FP32) as llm:
         engine = llm.engine
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, GREEDY_LONG)
-        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        got = {f"r{i}": [] for i in range(2 * len(PROMPTS))}
         for tp, pp in [(4, 1), (1, 4), (2, 1), (2, 2)]:
-            for _ in range(6):
+            for _ in range(4):  # the 24-token requests are still running at the last switch
                 for out in engine.step():
                     got[out.request_id] += out.new_token_ids
             report = SwitchReport(id=f"{tp}{pp}", source=str(engine.placement), target=f"TP{tp}PP{pp}")
@@ -114,9 +116,14 @@ def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
                 got[out.request_id] += out.new_token_ids
             assert report.state == "committed", report.error
             assert report.transform_detail["graph_capture"] > 0
+        captured = engine.pool.call("info", workers=engine.active)
+        # 6 live sequences in 2 micro-batches of 3: only the bucket of 4 is captured at the commit
+        assert all(set(i["graph_capture_by_batch"]) == {4} for i in captured), captured
+        for i, prompt in enumerate(PROMPTS):  # 12 sequences: micro-batches of 6 need the bucket of 8
+            engine.add_request(f"r{len(PROMPTS) + i}", prompt, GREEDY_LONG)
         while engine.has_unfinished():
             for out in engine.step():
                 got[out.request_id] += out.new_token_ids
         infos = engine.pool.call("info", workers=engine.active)
-    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
-    assert all(i["graph_steps"] > 0 for i in infos)
+    assert [got[f"r{i}"] for i in range(2 * len(PROMPTS))] == tokens + tokens
+    assert all(i["graph_steps"] > 0 and i["graph_lazy_captures"] > 0 for i in infos), infos

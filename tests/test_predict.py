@@ -57,8 +57,9 @@ def test_learning_moves_the_fixed_cost_toward_what_switches_measure():
     assert links.fixed_seconds == 0.0
 
 
-def test_graph_capture_is_priced_per_layer_of_the_largest_new_stage():
+def test_graph_capture_is_priced_per_layer_of_the_largest_new_stage_and_per_bucket_captured():
     links = LinkSpeeds(**{**LINKS.to_dict(), "graph_seconds_per_layer": 0.01})
     to_pp4, to_tp4 = plan(Topology(4, 1), Topology(1, 4)), plan(Topology(1, 4), Topology(4, 1))
-    assert predict(to_pp4, links)["commit"] == pytest.approx(LINKS.rpc_seconds + 8 * 0.01)  # 32 layers / 4 stages
-    assert predict(to_tp4, links)["commit"] == pytest.approx(LINKS.rpc_seconds + 32 * 0.01)
+    assert predict(to_pp4, links, graph_buckets=1)["commit"] == pytest.approx(LINKS.rpc_seconds + 8 * 0.01)
+    assert predict(to_tp4, links, graph_buckets=2)["commit"] == pytest.approx(LINKS.rpc_seconds + 2 * 32 * 0.01)
+    assert predict(to_tp4, links)["commit"] == pytest.approx(LINKS.rpc_seconds)  # no live batch, nothing captured

@@ -137,7 +137,9 @@ class AsyncEngine:
             num_blocks, kept = choose_pool(engine, plan, check_capacity(engine, plan))
             geo = ModelGeometry(engine.model_config, engine.template.dtype)
             fresh_pool = 0 if kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
-            return plan_summary(plan, engine.links, new_groups(engine, plan), fresh_pool) | {"kv_pool_kept": kept}
+            buckets = len(set(engine.live_batch_sizes(plan.new.topology.pp)))
+            summary = plan_summary(plan, engine.links, new_groups(engine, plan), fresh_pool, buckets)
+            return summary | {"kv_pool_kept": kept}
         return await self.on_engine_thread(run)
 
     def running_switch(self) -> SwitchReport | None:

@@ -93,7 +93,8 @@ class LLMEngine:
         self.pool.call("allocate_kv", num_blocks)
         self.placement = placement
         layers = max(len(r) for r in stage_layers(cfg.num_layers, placement.topology.pp))
-        self.graph_seconds_per_layer = self.warm_up() / layers  # plan prices a switch's capture with it
+        # plan prices a switch's capture with it: per layer of the stage and per batch bucket captured
+        self.graph_seconds_per_layer = self.warm_up() / (layers * max(1, self.graph_buckets()))
         blocks = BlockManager(num_blocks, config.block_size)
         if not hasattr(self, "scheduler"):
             # the context length is fixed for the daemon's life; a switch must give every topology room for it
@@ -103,14 +104,25 @@ class LLMEngine:
         else:
             self.scheduler.blocks = blocks
 
-    def warm_up(self) -> float:
-        """Capture the decode CUDA graphs of the installed placement (after install and after a switch's commit);
-        seconds of the slowest worker, also in each worker's info as graph_capture_s."""
+    def warm_up(self, batch_sizes: list[int] | None = None) -> float:
+        """Capture the decode CUDA graphs of the installed placement: every bucket after install, the buckets of
+        `batch_sizes` at a switch's commit (the rest on first use). Seconds of the slowest worker."""
         seconds = 0.0
         if self.config.cuda_graphs and not self.config.is_cpu:
-            seconds = max(self.pool.call("capture_graphs", self.config.max_num_seqs, workers=self.active))
+            seconds = max(self.pool.call("capture_graphs", self.config.max_num_seqs, batch_sizes,
+                                         workers=self.active))
         self.shard_infos = self.pool.call("info")
         return seconds
+
+    def graph_buckets(self) -> int:
+        return max((info.get("graph_buckets", 0) for info in self.shard_infos if info), default=0)
+
+    def live_batch_sizes(self, pp: int) -> list[int]:
+        """The decode batch sizes the running sequences make under `pp` stages: micro-batches of an even share
+        (see step)."""
+        n = len(self.scheduler.running)
+        share = -(-n // pp) if n else 0
+        return [min(share, n - start) for start in range(0, n, share)] if n else []
 
     @property
     def active(self) -> list[int]:

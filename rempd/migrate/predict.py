@@ -19,7 +19,7 @@ class LinkSpeeds:
     # what a switch costs beyond moving bytes (Python, freeing memory, building the stage), measured by a
     # switch onto the same placement at start-up and refined by every committed switch
     fixed_seconds: float = 0.0
-    graph_seconds_per_layer: float = 0.0  # capturing a stage's decode CUDA graphs, per layer it holds
+    graph_seconds_per_layer: float = 0.0  # capturing one batch bucket's decode CUDA graph, per layer of the stage
 
     def learn(self, residual_seconds: float) -> None:
         """Fold in (measured − predicted) of a committed switch; halves the weight of older ones."""
@@ -51,7 +51,9 @@ def pool_bytes(geo: ModelGeometry, plan: SwitchPlan, num_blocks: int, block_size
     return largest
 
 
-def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_bytes: int = 0) -> dict[str, float]:
+def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_bytes: int = 0,
+            graph_buckets: int = 0) -> dict[str, float]:
+    """graph_buckets: decode-graph buckets the commit captures (those of the live batch)."""
     gb = 1e9
     transform = 0.0
     for moved in per_worker_bytes(plan).values():
@@ -65,18 +67,19 @@ def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_b
         "quiesce": links.rpc_seconds,
         "groups": links.rpc_seconds + new_groups * links.group_seconds,
         "transform": links.rpc_seconds + transform + links.fixed_seconds,
-        "commit": links.rpc_seconds + links.graph_seconds_per_layer * plan.new_stage_layers,
+        "commit": links.rpc_seconds + links.graph_seconds_per_layer * plan.new_stage_layers * graph_buckets,
         "resume": 0.0,
     }
     phases["total"] = sum(phases.values())
     return phases
 
 
-def plan_summary(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_bytes: int = 0) -> dict:
+def plan_summary(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_bytes: int = 0,
+                 graph_buckets: int = 0) -> dict:
     """What `rempctl plan` shows: the placement, bytes by source, and predicted seconds per phase."""
     return {
         "source": str(plan.old), "target": str(plan.new), "placement": list(plan.new.workers),
         "tp": plan.new.topology.tp, "pp": plan.new.topology.pp,
         "bytes_by_source": plan.bytes_by_source, "kv_blocks": plan.num_live_blocks,
-        "predicted": predict(plan, links, new_groups, new_pool_bytes), "links": links.to_dict(),
+        "predicted": predict(plan, links, new_groups, new_pool_bytes, graph_buckets), "links": links.to_dict(),
     }

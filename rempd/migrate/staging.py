@@ -248,7 +248,7 @@ class StagedSwitch:
         blocks.free_blocks = deque(range(sum(len(t) for t in layout.new_tables), num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = self.plan.new
-        self.report.transform_detail["graph_capture"] = engine.warm_up()  # graphs bake in the new pool's address
+        self.report.transform_detail["graph_capture"] = engine.warm_up(engine.live_batch_sizes(engine.placement.topology.pp))  # graphs bake in the new pool's address
         self.committed = True
 
     def _fail(self, exc: Exception) -> None:

@@ -129,7 +129,8 @@ class SwitchTransaction:
             report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
             geo = ModelGeometry(engine.model_config, engine.template.dtype)
             fresh_pool = 0 if report.kv_pool_kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
-            report.predicted = predict(plan, self.links, new_groups(engine, plan), fresh_pool)
+            buckets = len(set(engine.live_batch_sizes(plan.new.topology.pp)))
+            report.predicted = predict(plan, self.links, new_groups(engine, plan), fresh_pool, buckets)
             report.requests_live = len(live)
             self._leave("quiesce", start)
 
@@ -183,7 +184,7 @@ class SwitchTransaction:
         blocks.free_blocks = deque(range(next_id, num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = plan.new
-        self.report.transform_detail["graph_capture"] = engine.warm_up()
+        self.report.transform_detail["graph_capture"] = engine.warm_up(engine.live_batch_sizes(engine.placement.topology.pp))
 
     def _rollback(self, old: Placement, exc: Exception) -> None:
         """Back to the old placement. Before transform the workers are untouched; after it started, their

@@ -1,7 +1,9 @@
 """CUDA graphs of one worker's stage for decode steps, one per batch-size bucket (a step is padded to its bucket).
 
 A graph bakes in the addresses of the weights and of the KV pool, so it is captured after every install and
-every switch, and dropped before a switch frees the old pool. Inputs live in static buffers: one int64 array in
+every switch, and dropped before a switch frees the old pool. A switch captures only the buckets its live batch
+uses, so that the capture does not lengthen the pause; any other bucket is captured on its first step (every TP
+rank of a stage runs the same step, so they capture together, as the all-reduce inside needs). Inputs live in static buffers: one int64 array in
 the StepLayout of the bucket, plus the hidden states a later pipeline stage receives. TP all-reduces run inside
 the graph (NCCL allows capture); pipeline send/recv stay outside it."""
 from __future__ import annotations
@@ -42,19 +44,27 @@ class DecodeGraphs:
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, DecodeGraph] = {}
         self.capture_seconds: dict[int, float] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # shared by every bucket's graph
+        self.lazy_captures = 0
 
-    def capture(self) -> float:
-        """Capture every bucket, largest first so that the smaller ones fit in its memory pool."""
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.buckets):
-            start = time.perf_counter()
-            self.graphs[size] = self._capture_one(size, pool)
-            torch.cuda.synchronize()
-            self.capture_seconds[size] = time.perf_counter() - start
-            log.info("captured decode graph for batch %d in %.3f s", size, self.capture_seconds[size])
-        return sum(self.capture_seconds.values())
+    def capture(self, batch_sizes: list[int] | None = None) -> float:
+        """Capture the buckets of these batch sizes (all of them when None), largest first so that the smaller
+        ones fit in its memory pool. Seconds taken."""
+        wanted = self.buckets if batch_sizes is None else {self.bucket_of(n) for n in batch_sizes if n > 0}
+        return sum(self._capture(size) for size in sorted(wanted, reverse=True))
 
-    def _capture_one(self, size: int, pool) -> DecodeGraph:
+    def bucket_of(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= min(batch, self.buckets[-1]))
+
+    def _capture(self, size: int) -> float:
+        start = time.perf_counter()
+        self.graphs[size] = self._capture_one(size)
+        torch.cuda.synchronize()
+        self.capture_seconds[size] = time.perf_counter() - start
+        log.info("captured decode graph for batch %d in %.3f s", size, self.capture_seconds[size])
+        return self.capture_seconds[size]
+
+    def _capture_one(self, size: int) -> DecodeGraph:
         layout = StepLayout(tokens=size, samples=size, seqs=size, max_blocks=self.max_blocks)
         device = self.kv.device
         idle = StepInput([0] * size, [0] * size, [-1] * size, [1] * size, [0] * size, [[]] * size,
@@ -70,7 +80,7 @@ class DecodeGraphs:
             self.stage(inputs, positions, self.kv, meta, samples)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = self.stage(inputs, positions, self.kv, meta, samples)
         return DecodeGraph(graph, layout, flat, hidden, out)
 
@@ -81,11 +91,14 @@ class DecodeGraphs:
             return None
         if max(len(t) for t in step.block_tables) > self.max_blocks:
             return None
-        return next(b for b in self.buckets if b >= n)
+        return self.bucket_of(n)
 
     def run(self, size: int, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
         """Replay the bucket's graph on `step`; returns the rows of the real sequences (a view of the static
         output, valid until the next replay)."""
+        if size not in self.graphs:
+            self._capture(size)
+            self.lazy_captures += 1
         entry, n = self.graphs[size], len(step.query_lens)
         entry.flat.copy_(torch.from_numpy(entry.layout.pack(step)), non_blocking=True)
         if entry.hidden is not None:

@@ -37,7 +37,6 @@ class StepRunner:
     def __init__(self, device: torch.device, kernels: bool):
         self.device, self.kernels = device, kernels
         self.graphs: DecodeGraphs | None = None
-        self.capture_seconds: dict[int, float] = {}
         self.stats = StepStats()
 
     def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
@@ -63,22 +62,22 @@ class StepRunner:
         return out, bucket is not None
 
     def capture(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, max_blocks: int,
-                max_batch: int) -> float:
-        """(Re)capture the decode graphs of this stage and pool; seconds taken."""
+                max_batch: int, batch_sizes: list[int] | None = None) -> float:
+        """(Re)capture the decode graphs of this stage and pool: the buckets of `batch_sizes` now (all when None),
+        the others on first use. Seconds taken now."""
         self.drop_graphs()
         if self.device.type != "cuda" or not self.kernels:
             return 0.0
         self.graphs = DecodeGraphs(stage, kv, hidden_size, kv.dtype, max_blocks, max_batch)
-        total = self.graphs.capture()
-        self.capture_seconds = dict(self.graphs.capture_seconds)
-        return total
+        return self.graphs.capture(batch_sizes)
 
     def drop_graphs(self) -> None:
         """Before the stage or the KV pool goes away: a graph holds their addresses."""
         self.graphs = None
-        self.capture_seconds = {}
 
     def info(self) -> dict:
-        return {"graph_capture_s": sum(self.capture_seconds.values()),
-                "graph_capture_by_batch": dict(self.capture_seconds), "kernels": self.kernels,
-                **self.stats.to_dict()}
+        seconds = self.graphs.capture_seconds if self.graphs is not None else {}
+        return {"graph_capture_s": sum(seconds.values()), "graph_capture_by_batch": dict(seconds),
+                "graph_buckets": len(self.graphs.buckets) if self.graphs is not None else 0,
+                "graph_lazy_captures": self.graphs.lazy_captures if self.graphs is not None else 0,
+                "kernels": self.kernels, **self.stats.to_dict()}

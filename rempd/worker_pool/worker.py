@@ -178,13 +178,15 @@ class Worker:
     def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> int | None:
         return device_memory.transform_headroom(self, plan, round_bytes)
 
-    def capture_graphs(self, max_batch: int) -> float:
+    def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None) -> float:
         """Capture decode graphs for the current shard and KV pool (after install and after a switch; every
-        active worker calls this together, since TP all-reduces are captured). Seconds taken; 0 off CUDA."""
+        active worker calls this together, since TP all-reduces are captured): the buckets of `batch_sizes`, or
+        all when None. Seconds taken; 0 off CUDA."""
         if self.stage is None or self.kv is None:
             return 0.0
         max_blocks = -(-self.stage.rotary.cos.shape[0] // self.kv_shape.block_size)
-        return self.runner.capture(self.stage, self.kv, self.setup.model.hidden_size, max_blocks, max_batch)
+        return self.runner.capture(self.stage, self.kv, self.setup.model.hidden_size, max_blocks, max_batch,
+                                   batch_sizes)
 
     def prepare_groups(self, placement: Placement) -> int:
         return links.prepare_groups(self, placement)
