@@ -14,7 +14,8 @@ git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 for step in "$@"; do
     case "$step" in
     tests)
-        timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider \
+            ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
     matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape
         timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
