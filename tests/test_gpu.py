@@ -100,14 +100,17 @@ def test_kernels_and_graphs_match_the_reference(llama1b, fp32_reference, tp, pp)
 def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
     """A switch captures only the buckets of its live batch; a batch of another size captures its bucket on
     first use, with the same tokens."""
-    need_gpus(4)
+    need_gpus(2)
     tokens, _ = fp32_reference
-    with LLM(llama1b, tp=2, pp=2, devices=[0, 1, 2, 3], **FP32) as llm:
+    # on 4 GPUs through every shape; on 2 between TP2 and PP2; both end at pp 2
+    four = torch.cuda.device_count() >= 4
+    start, chain = ((2, 2), [(4, 1), (1, 4), (2, 1), (2, 2)]) if four else ((2, 1), [(1, 2), (2, 1), (1, 2)])
+    with LLM(llama1b, tp=start[0], pp=start[1], devices=[0, 1, 2, 3] if four else [0, 1], **FP32) as llm:
         engine = llm.engine
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, GREEDY_LONG)
         got = {f"r{i}": [] for i in range(2 * len(PROMPTS))}
-        for tp, pp in [(4, 1), (1, 4), (2, 1), (2, 2)]:
+        for tp, pp in chain:
             for _ in range(4):  # the 24-token requests are still running at the last switch
                 for out in engine.step():
                     got[out.request_id] += out.new_token_ids
