@@ -130,3 +130,38 @@ def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
         infos = engine.pool.call("info", workers=engine.active)
     assert [got[f"r{i}"] for i in range(2 * len(PROMPTS))] == tokens + tokens
     assert all(i["graph_steps"] > 0 and i["graph_lazy_captures"] > 0 for i in infos), infos
+
+
+def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
+    """A staged switch keeps the pool and captures the new stage's graphs while the old one serves: the cut
+    captures nothing for an unchanged batch, and the tokens stay those of the reference."""
+    from rempd.migrate.staging import StagedSwitch, StagingOptions
+
+    need_gpus(2)
+    tokens, _ = fp32_reference
+    with LLM(llama1b, tp=2, pp=1, devices=[0, 1], **FP32) as llm:
+        engine = llm.engine
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, GREEDY_LONG)
+        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        reports = []
+        for tp, pp in [(1, 2), (2, 1)]:
+            for _ in range(4):
+                for out in engine.step():
+                    got[out.request_id] += out.new_token_ids
+            report = SwitchReport(id=f"{tp}{pp}", source=str(engine.placement), target=f"TP{tp}PP{pp}")
+            staged = StagedSwitch(engine, Topology(tp, pp), report, engine.links, StagingOptions())
+            outputs = staged.begin()
+            while not staged.finished:
+                outputs += engine.step() + staged.advance()
+            for out in outputs:
+                got[out.request_id] += out.new_token_ids
+            assert report.state == "committed" and report.mode == "staged", (report.error, report.mode_reason)
+            reports.append(report)
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
+    for report in reports:
+        assert report.kv_pool_kept and report.transform_detail["graph_precapture"] > 0, report.transform_detail
+        assert report.transform_detail["graph_capture"] < report.transform_detail["graph_precapture"]

@@ -114,6 +114,10 @@ class LLMEngine:
         self.shard_infos = self.pool.call("info")
         return seconds
 
+    def capture_live_graphs(self) -> float:
+        """At a switch's commit: the graphs of the batch that runs next; the placement is the new one."""
+        return self.warm_up(self.live_batch_sizes(self.placement.topology.pp))
+
     def graph_buckets(self) -> int:
         return max((info.get("graph_buckets", 0) for info in self.shard_infos if info), default=0)
 

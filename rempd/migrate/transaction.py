@@ -184,7 +184,7 @@ class SwitchTransaction:
         blocks.free_blocks = deque(range(next_id, num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = plan.new
-        self.report.transform_detail["graph_capture"] = engine.warm_up(engine.live_batch_sizes(engine.placement.topology.pp))
+        self.report.transform_detail["graph_capture"] = engine.capture_live_graphs()
 
     def _rollback(self, old: Placement, exc: Exception) -> None:
         """Back to the old placement. Before transform the workers are untouched; after it started, their

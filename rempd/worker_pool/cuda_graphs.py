@@ -2,10 +2,11 @@
 
 A graph bakes in the addresses of the weights and of the KV pool, so it is captured after every install and
 every switch, and dropped before a switch frees the old pool. A switch captures only the buckets its live batch
-uses, so that the capture does not lengthen the pause; any other bucket is captured on its first step (every TP
-rank of a stage runs the same step, so they capture together, as the all-reduce inside needs). Inputs live in static buffers: one int64 array in
-the StepLayout of the bucket, plus the hidden states a later pipeline stage receives. TP all-reduces run inside
-the graph (NCCL allows capture); pipeline send/recv stay outside it."""
+uses (a staged one, before the cut, over the pool it will keep), so that capture does not lengthen the pause;
+any other bucket is captured on its first step (every TP rank of a stage runs the same step, so they capture
+together, as the all-reduce inside needs). Inputs live in static buffers: one int64 array in the StepLayout of
+the bucket, plus the hidden states a later pipeline stage receives. TP all-reduces run inside the graph (NCCL
+allows capture); pipeline send/recv stay outside it."""
 from __future__ import annotations
 
 import logging
@@ -48,10 +49,10 @@ class DecodeGraphs:
         self.lazy_captures = 0
 
     def capture(self, batch_sizes: list[int] | None = None) -> float:
-        """Capture the buckets of these batch sizes (all of them when None), largest first so that the smaller
-        ones fit in its memory pool. Seconds taken."""
+        """Capture the buckets of these batch sizes (all of them when None) that are not captured yet, largest
+        first so that the smaller ones fit in its memory pool. Seconds taken."""
         wanted = self.buckets if batch_sizes is None else {self.bucket_of(n) for n in batch_sizes if n > 0}
-        return sum(self._capture(size) for size in sorted(wanted, reverse=True))
+        return sum(self._capture(size) for size in sorted(set(wanted) - set(self.graphs), reverse=True))
 
     def bucket_of(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= min(batch, self.buckets[-1]))

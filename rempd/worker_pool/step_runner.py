@@ -37,6 +37,7 @@ class StepRunner:
     def __init__(self, device: torch.device, kernels: bool):
         self.device, self.kernels = device, kernels
         self.graphs: DecodeGraphs | None = None
+        self.staged_graphs: DecodeGraphs | None = None  # a staged switch's next stage, over the pool it keeps
         self.stats = StepStats()
 
     def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
@@ -62,18 +63,28 @@ class StepRunner:
         return out, bucket is not None
 
     def capture(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, max_blocks: int,
-                max_batch: int, batch_sizes: list[int] | None = None) -> float:
-        """(Re)capture the decode graphs of this stage and pool: the buckets of `batch_sizes` now (all when None),
-        the others on first use. Seconds taken now."""
-        self.drop_graphs()
+                max_batch: int, batch_sizes: list[int] | None = None, staged: bool = False) -> float:
+        """Capture the decode graphs of this stage and pool: the buckets of `batch_sizes` now (all when None),
+        the others on first use. `staged`: for a staged switch's next stage, kept apart until that stage is
+        installed. Graphs already captured for this very stage and pool are kept. Seconds taken."""
         if self.device.type != "cuda" or not self.kernels:
             return 0.0
-        self.graphs = DecodeGraphs(stage, kv, hidden_size, kv.dtype, max_blocks, max_batch)
-        return self.graphs.capture(batch_sizes)
+        graphs = next((g for g in (self.graphs, self.staged_graphs)
+                       if g is not None and g.stage is stage and g.kv is kv), None)
+        if graphs is None:
+            graphs = DecodeGraphs(stage, kv, hidden_size, kv.dtype, max_blocks, max_batch)
+        if staged:
+            self.staged_graphs = graphs
+        else:
+            self.graphs, self.staged_graphs = graphs, None
+        return graphs.capture(batch_sizes)
 
-    def drop_graphs(self) -> None:
-        """Before the stage or the KV pool goes away: a graph holds their addresses."""
+    def drop_graphs(self, staged: bool = False) -> None:
+        """Before the stage or the KV pool goes away: a graph holds their addresses. `staged`: the next
+        stage's too (the staged switch was given up)."""
         self.graphs = None
+        if staged:
+            self.staged_graphs = None
 
     def info(self) -> dict:
         seconds = self.graphs.capture_seconds if self.graphs is not None else {}

@@ -125,7 +125,7 @@ class Worker:
 
     def release(self) -> None:
         self._wait_sends()
-        self.runner.drop_graphs()
+        self.runner.drop_graphs(staged=True)
         self.stage = self.kv = self.kv_shape = self.kv_buffer = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -178,15 +178,18 @@ class Worker:
     def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> int | None:
         return device_memory.transform_headroom(self, plan, round_bytes)
 
-    def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None) -> float:
+    def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None, stage=None,
+                       kv: torch.Tensor | None = None) -> float:
         """Capture decode graphs for the current shard and KV pool (after install and after a switch; every
         active worker calls this together, since TP all-reduces are captured): the buckets of `batch_sizes`, or
-        all when None. Seconds taken; 0 off CUDA."""
-        if self.stage is None or self.kv is None:
+        all when None. A staged switch passes its next stage and pool. Seconds taken; 0 off CUDA."""
+        staged = stage is not None
+        stage, kv = (stage, kv) if staged else (self.stage, self.kv)
+        if stage is None or kv is None:
             return 0.0
-        max_blocks = -(-self.stage.rotary.cos.shape[0] // self.kv_shape.block_size)
-        return self.runner.capture(self.stage, self.kv, self.setup.model.hidden_size, max_blocks, max_batch,
-                                   batch_sizes)
+        max_blocks = -(-stage.rotary.cos.shape[0] // kv.shape[3])  # kv: [layers, 2, blocks, block_size, ...]
+        return self.runner.capture(stage, kv, self.setup.model.hidden_size, max_blocks, max_batch, batch_sizes,
+                                   staged)
 
     def prepare_groups(self, placement: Placement) -> int:
         return links.prepare_groups(self, placement)
