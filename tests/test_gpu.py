@@ -151,7 +151,7 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
                     got[out.request_id] += out.new_token_ids
             report = SwitchReport(id=f"{tp}{pp}", source=str(engine.placement), target=f"TP{tp}PP{pp}")
             staged = StagedSwitch(engine, Topology(tp, pp), report, engine.links, StagingOptions())
-            outputs = staged.begin()
+            outputs = engine.quiesce() + staged.begin()  # as the daemon does: no micro-batch in flight
             while not staged.finished:
                 outputs += engine.step() + staged.advance()
             for out in outputs:

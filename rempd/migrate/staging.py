@@ -281,7 +281,7 @@ class StagedSwitch:
         if self.committed:
             self._finish()
             raise exc
-        log.warning("staged switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
+        log.warning("staged switch %s failed in %s, rolling back: %s", report.id, report.phase, exc, exc_info=exc)
         try:
             if isinstance(exc, WorkerError):
                 engine.placement = self.old

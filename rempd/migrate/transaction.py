@@ -191,7 +191,7 @@ class SwitchTransaction:
         shards are rebuilt from the weight store and live requests recompute their KV. A worker that failed
         may have left its peers blocked in a transfer with it, so then every worker is restarted."""
         engine, report = self.engine, self.report
-        log.warning("switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
+        log.warning("switch %s failed in %s, rolling back: %s", report.id, report.phase, exc, exc_info=exc)
         touched = report.phase in ("transform", "commit")
         try:
             if isinstance(exc, WorkerError):
