@@ -24,7 +24,7 @@ from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
-from rempd.topology import Placement, Topology, check_topology, stage_layers
+from rempd.topology import Placement, Topology, check_topology
 from rempd.worker_pool.pool import WorkerPool
 from rempd.worker_pool.worker import WorkerSetup
 
@@ -92,9 +92,7 @@ class LLMEngine:
             raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
         self.pool.call("allocate_kv", num_blocks)
         self.placement = placement
-        layers = max(len(r) for r in stage_layers(cfg.num_layers, placement.topology.pp))
-        # plan prices a switch's capture with it: per layer of the stage and per batch bucket captured
-        self.graph_seconds_per_layer = self.warm_up() / (layers * max(1, self.graph_buckets()))
+        self.warm_up()
         blocks = BlockManager(num_blocks, config.block_size)
         if not hasattr(self, "scheduler"):
             # the context length is fixed for the daemon's life; a switch must give every topology room for it
@@ -117,9 +115,6 @@ class LLMEngine:
     def capture_live_graphs(self) -> float:
         """At a switch's commit: the graphs of the batch that runs next; the placement is the new one."""
         return self.warm_up(self.live_batch_sizes(self.placement.topology.pp))
-
-    def graph_buckets(self) -> int:
-        return max((info.get("graph_buckets", 0) for info in self.shard_infos if info), default=0)
 
     def live_batch_sizes(self, pp: int) -> list[int]:
         """The decode batch sizes the running sequences make under `pp` stages: micro-batches of an even share

@@ -39,8 +39,10 @@ class DecodeGraph:
 
 class DecodeGraphs:
     def __init__(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, dtype: torch.dtype,
-                 max_blocks: int, max_batch: int):
+                 max_blocks: int, max_batch: int, warmed: set[tuple] | None = None):
+        """warmed: kernel shapes this worker has run before (kept across stages by its StepRunner)."""
         self.stage, self.kv, self.max_blocks = stage, kv, max_blocks
+        self.warmed = set() if warmed is None else warmed
         self.hidden_size, self.dtype = hidden_size, dtype
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, DecodeGraph] = {}
@@ -77,12 +79,22 @@ class DecodeGraphs:
         inputs = ids if hidden is None else hidden
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up run compiles kernels and sets up libraries outside capture
-            self.stage(inputs, positions, self.kv, meta, samples)
-        torch.cuda.current_stream().wait_stream(side)
+        # a warm-up run compiles kernels and sets up libraries outside capture; needed once per kernel shape:
+        # the batch, the TP group (head counts, the all-reduce) and which ends of the model the stage holds
+        shape = (size, tuple(self.stage.tp.members), self.stage.is_first, self.stage.is_last, self.max_blocks)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.stage(inputs, positions, self.kv, meta, samples)
+        with torch.cuda.stream(side):
+            if shape not in self.warmed:
+                self.stage(inputs, positions, self.kv, meta, samples)
+                self.warmed.add(shape)
+            # not torch.cuda.graph(): it empties the allocator's cache first, which after a switch means
+            # returning the old shard's memory to the driver inside the pause
+            graph.capture_begin(pool=self.pool)
+            try:
+                out = self.stage(inputs, positions, self.kv, meta, samples)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
         return DecodeGraph(graph, layout, flat, hidden, out)
 
     def bucket_for(self, step: StepInput) -> int | None:

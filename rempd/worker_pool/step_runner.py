@@ -38,6 +38,7 @@ class StepRunner:
         self.device, self.kernels = device, kernels
         self.graphs: DecodeGraphs | None = None
         self.staged_graphs: DecodeGraphs | None = None  # a staged switch's next stage, over the pool it keeps
+        self.warmed_shapes: set[tuple] = set()  # decode shapes run once already: their capture needs no warm-up
         self.stats = StepStats()
 
     def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
@@ -72,7 +73,7 @@ class StepRunner:
         graphs = next((g for g in (self.graphs, self.staged_graphs)
                        if g is not None and g.stage is stage and g.kv is kv), None)
         if graphs is None:
-            graphs = DecodeGraphs(stage, kv, hidden_size, kv.dtype, max_blocks, max_batch)
+            graphs = DecodeGraphs(stage, kv, hidden_size, kv.dtype, max_blocks, max_batch, self.warmed_shapes)
         if staged:
             self.staged_graphs = graphs
         else:
@@ -89,6 +90,5 @@ class StepRunner:
     def info(self) -> dict:
         seconds = self.graphs.capture_seconds if self.graphs is not None else {}
         return {"graph_capture_s": sum(seconds.values()), "graph_capture_by_batch": dict(seconds),
-                "graph_buckets": len(self.graphs.buckets) if self.graphs is not None else 0,
                 "graph_lazy_captures": self.graphs.lazy_captures if self.graphs is not None else 0,
                 "kernels": self.kernels, **self.stats.to_dict()}
