@@ -157,11 +157,13 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
             for out in outputs:
                 got[out.request_id] += out.new_token_ids
             assert report.state == "committed" and report.mode == "staged", (report.error, report.mode_reason)
-            reports.append(report)
+            captured = [i["graph_capture_by_batch"] for i in engine.pool.call("info", workers=engine.active)]
+            reports.append((report, captured))
         while engine.has_unfinished():
             for out in engine.step():
                 got[out.request_id] += out.new_token_ids
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
-    for report in reports:
-        assert report.kv_pool_kept and report.transform_detail["graph_precapture"] > 0, report.transform_detail
-        assert report.transform_detail["graph_capture"] < report.transform_detail["graph_precapture"]
+    for report, captured in reports:
+        detail = (report.transform_detail, report.requests_live, captured)
+        assert report.requests_live == len(PROMPTS) and report.kv_pool_kept, detail
+        assert report.transform_detail["graph_precapture"] > report.transform_detail["graph_capture"], detail

@@ -15,7 +15,7 @@ import torch
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.reshard import PieceKey, ReshardTimes, pack_kv, post_round
 from rempd.migrate.shards import shard_of
-from rempd.worker_pool.device_memory import RESERVE_BYTES
+from rempd.worker_pool.device_memory import spare_bytes
 
 
 class ShardStaging:
@@ -202,13 +202,11 @@ class ShardStaging:
 
 def stage_step(worker, op: str, *args) -> object:
     """The worker's entry point for every step of a staged switch (Worker.staged)."""
-    # bytes of device memory free for staging (None on CPU, where the driver's limit decides). Staging borrows the
-    # headroom gpu_memory_utilization leaves; giving back free KV blocks of the old pool is not done yet.
+    # bytes of device memory free for staging, counting the allocator's unused cache (None on CPU, where the
+    # driver's limit decides). Staging borrows the headroom gpu_memory_utilization leaves; giving back free KV
+    # blocks of the old pool is not done yet.
     if op == "room":
-        if worker.device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(worker.device)
-        return max(0, free - RESERVE_BYTES)
+        return max(0, spare_bytes(worker)) if worker.device.type == "cuda" else None
     if op == "begin":
         worker.staging = ShardStaging(worker, *args)
         return None

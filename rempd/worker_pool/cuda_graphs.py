@@ -20,6 +20,7 @@ from rempd.model.llama import LlamaStage
 from rempd.worker_pool.step_tensors import StepLayout
 
 log = logging.getLogger("rempd.graphs")
+CAPTURE_HEADROOM = 512 << 20  # free device memory below which the allocator's cache is emptied before a capture
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -83,11 +84,14 @@ class DecodeGraphs:
         # the batch, the TP group (head counts, the all-reduce) and which ends of the model the stage holds
         shape = (size, tuple(self.stage.tp.members), self.stage.is_first, self.stage.is_last, self.max_blocks)
         graph = torch.cuda.CUDAGraph()
+        if torch.cuda.mem_get_info(device)[0] < CAPTURE_HEADROOM:
+            # a capture cannot return cached memory to the driver when it needs more: do it before
+            torch.cuda.empty_cache()
         with torch.cuda.stream(side):
             if shape not in self.warmed:
                 self.stage(inputs, positions, self.kv, meta, samples)
                 self.warmed.add(shape)
-            # not torch.cuda.graph(): it empties the allocator's cache first, which after a switch means
+            # not torch.cuda.graph(): it always empties the allocator's cache first, which after a switch means
             # returning the old shard's memory to the driver inside the pause
             graph.capture_begin(pool=self.pool)
             try:
