@@ -19,6 +19,7 @@ from rempd.engine.config import EngineConfig
 DEFAULT_CONFIG_PATH = Path("/etc/remp/rempd.toml")
 DEFAULT_SOCKET = "/run/remp/rempd.sock"
 DEFAULT_STATE_DIR = "/var/lib/remp"  # systemd's StateDirectory=remp
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -48,15 +49,17 @@ class DaemonConfig:
                                repr=False)  # kept out of logs
     served_model_name: str | None = _opt(None, optional(strict(str)),
                                          "model id in the API; the model directory's name if unset")
-    kv_cache_memory: int = _opt(64 << 20, parse_size, "KV pool per CPU worker, e.g. 64MiB")
-    gpu_memory_utilization: float = _opt(0.9, strict(float), "share of each GPU's memory rempd may use")
-    max_num_seqs: int = _opt(64, strict(int), "most requests in one batch")
-    max_num_batched_tokens: int = _opt(1024, strict(int), "token budget of one step")
+    kv_cache_memory: int = _opt(EngineConfig.kv_cache_memory, parse_size, "KV pool per CPU worker, e.g. 64MiB")
+    gpu_memory_utilization: float = _opt(EngineConfig.gpu_memory_utilization, strict(float),
+                                         "share of each GPU's memory rempd may use")
+    max_num_seqs: int = _opt(EngineConfig.max_num_seqs, strict(int), "most requests in one batch")
+    max_num_batched_tokens: int = _opt(EngineConfig.max_num_batched_tokens, strict(int), "token budget of one step")
     max_model_len: int | None = _opt(None, optional(strict(int)), "context length; the model's own if unset")
-    block_size: int = _opt(16, strict(int), "tokens per KV block")
-    switch_round_bytes: int = _opt(1 << 30, parse_size, "a switch moves weights between devices in rounds of "
-                                   "this size: smaller needs less memory beside the old and new shards")
-    switch_mode: str = _opt("stop_the_world", strict(str), "how a switch runs unless its request says: "
+    block_size: int = _opt(EngineConfig.block_size, strict(int), "tokens per KV block")
+    switch_round_bytes: int = _opt(EngineConfig.switch_round_bytes, parse_size, "a switch moves weights between "
+                                   "devices in rounds of this size: smaller needs less memory beside the old and "
+                                   "new shards")
+    switch_mode: str = _opt(EngineConfig.switch_mode, strict(str), "how a switch runs unless its request says: "
                             "stop_the_world, or staged (the old topology serves while the new one is prepared; "
                             "stop-the-world if it cannot fit)")
     staging_memory: int | None = _opt(None, optional(parse_size), "memory per worker a staged switch may use "
@@ -75,9 +78,10 @@ class DaemonConfig:
     policy_topologies: list[str] | None = _opt(None, optional(topology_names),
                                                "topologies the policy may choose, e.g. TP4PP1,TP1PP4; all if unset")
     policy_learn: bool = _opt(True, boolean, "refine profiles from what is observed while serving")
-    worker_timeout: float = _opt(60.0, strict(float), "seconds a worker may take to answer before it is "
-                                 "taken for hung and every worker is restarted")
-    max_request_bytes: int = _opt(1 << 20, parse_size, "largest request body the serving API reads, e.g. 1MiB")
+    worker_timeout: float = _opt(EngineConfig.worker_timeout, strict(float), "seconds a worker may take to answer "
+                                 "before it is taken for hung and every worker is restarted")
+    max_request_bytes: int = _opt(DEFAULT_MAX_REQUEST_BYTES, parse_size,
+                                  "largest request body the serving API reads, e.g. 1MiB")
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -7,6 +7,7 @@ through a small hand-written text renderer otherwise; both print the same famili
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -139,9 +140,7 @@ class Metrics:
 
     def render(self, engine: EngineView | None) -> bytes:
         families = list(self.families(engine))
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("prometheus_client") is None:
             return render_text(families).encode()
         return render_prometheus_client(families)
 
