@@ -114,7 +114,7 @@ class Daemon:
     async def start_engine(self) -> Any | None:
         # A daemon killed with -9 (or OOM-killed) leaves its weight store in /dev/shm, holding RAM until
         # reboot; its workers died with it (PDEATHSIG), so any segment whose owner is dead is garbage.
-        from rempd.shm_store.store import reclaim_stale_segments
+        from rempd.shm_store.segments import reclaim_stale_segments
 
         for name in reclaim_stale_segments():
             log.info("removed the stale weight store /dev/shm/%s of a dead rempd", name)
