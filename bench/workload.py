@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from daemon_control import parse
 from replay import DAY, Lengths, replay, schedule, summarize
 
 
@@ -57,8 +58,8 @@ class Control:
     def switch(self, name: str) -> None:
         if self.topology() == name:
             return
-        tp, pp = name.upper().removeprefix("TP").split("PP")
-        report = self.call("POST", "/v1/switch", {"tp": int(tp), "pp": int(pp)})
+        tp, pp = parse(name)
+        report = self.call("POST", "/v1/switch", {"tp": tp, "pp": pp})
         while report["state"] == "running":
             time.sleep(0.05)
             report = self.call("GET", f"/v1/switches/{report['id']}")
