@@ -85,7 +85,7 @@ class Metrics:
 
     def record_switch(self, duration_s: float, result: str = "ok", cut_s: float | None = None,
                       mode: str = "stop_the_world") -> None:
-        """result: "ok", "rolled_back" or "failed"; cut_s: seconds the engine did not step (the serving pause a
+        """result: "ok", "rolled_back", "refused" or "failed"; cut_s: seconds the engine did not step (the serving pause a
         committed switch caused), by the mode it ran in."""
         self.switches[result] = self.switches.get(result, 0) + 1
         self.switch_duration.observe(duration_s)
