@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon_control import parse
+from daemon_control import control, parse
 from replay import DAY, Lengths, replay, schedule, summarize
 
 
@@ -30,7 +30,7 @@ class Control:
     """rempd's control socket: the topology, the policy mode, and the switch history."""
 
     def __init__(self, socket_path: str):
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://rempd", timeout=600)
+        self.http = control(socket_path)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         response = self.http.request(method, path, json=body)
