@@ -19,6 +19,7 @@ from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
 from rempd.engine.step_input import StepInput
+from rempd.engine.step_log import StepLog
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
@@ -76,7 +77,8 @@ class LLMEngine:
         self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
-        self.host_steps, self.host_seconds = 0, 0.0  # driver time per step, without waiting on the workers
+        # per step: begin, sent (scheduled and sent), replied (the oldest batch's tokens are in), done (outputs made)
+        self.step_log = StepLog(("begin", "sent", "replied", "done"), ("seqs",))
         calibrate(self)
 
     def install(self, placement: Placement) -> None:
@@ -168,8 +170,8 @@ class LLMEngine:
                 break
             self.pool.send_step(self.scheduler.step_input(batch), workers=self.active)
             self.in_flight.append(batch)
-        self.host_seconds += time.perf_counter() - start
-        outputs = self.finish_oldest() if self.in_flight else []
+        sent = time.perf_counter()
+        outputs = self.finish_oldest(start, sent) if self.in_flight else []
         if outputs:
             now = time.perf_counter()
             if self.pause_report is not None:  # the first tokens after a switch end its serving pause
@@ -178,14 +180,14 @@ class LLMEngine:
             self.last_output_at = now
         return outputs
 
-    def finish_oldest(self) -> list[RequestOutput]:
+    def finish_oldest(self, begin: float | None = None, sent: float | None = None) -> list[RequestOutput]:
         batch = self.in_flight.popleft()
         results = self.pool.collect(self.active)
-        start = time.perf_counter()
+        replied = time.perf_counter()
         tokens = results[self.active.index(self.placement.output_worker)] or []
         outputs = [self._output(seq) for seq in self.scheduler.postprocess(batch, tokens)]
-        self.host_steps += 1
-        self.host_seconds += time.perf_counter() - start
+        self.step_log.add(replied if begin is None else begin, replied if sent is None else sent, replied,
+                          time.perf_counter(), len(batch.seqs))
         return outputs
 
     def quiesce(self) -> list[RequestOutput]:
@@ -280,7 +282,8 @@ class LLMEngine:
         return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
                 "workers": workers, "max_model_len": self.max_model_len,
                 "store": {"name": self.store.name, "bytes": self.store.nbytes},
-                "driver_host_ms_per_step": 1e3 * self.host_seconds / max(1, self.host_steps),
+                # a median of the recent steps: a mean would carry the first steps' kernel compilation
+                "driver_host_ms_per_step": self.step_log.median_ms(("begin", "sent"), ("replied", "done")),
                 "num_recoveries": self.num_recoveries, "lost_devices": list(self.device_slots.lost),
                 "last_recovery": self.recoveries[-1].to_dict() if self.recoveries else None}
 
