@@ -65,7 +65,10 @@ def phase_medians(engine_rows: list[dict], worker_rows: list[dict], batch: int, 
     rows = [stamps(i) for i in decode]
     result = {name: 1e3 * statistics.median(r[b] - r[a] for r in rows) for name, a, b in PHASES}
     spans = [w["gpu_ms"] for w in (worker_rows[i] for i in decode) if not math.isnan(w["gpu_ms"])]
-    result["gpu_span"] = statistics.median(spans) if spans else math.nan
+    result["gpu_span"] = statistics.median(spans) if spans else None  # no CUDA events off CUDA
+    # the device waits on the host for the rest of a step (the span runs from the step's input copy to its last
+    # kernel, so the idle time between those is the graph's own)
+    result["gpu_idle"] = None if result["gpu_span"] is None else result["wall"] - result["gpu_span"]
     result["graph_steps"] = sum(worker_rows[i]["graph"] for i in decode)
     result["steps"] = len(decode)
     return result
@@ -110,9 +113,9 @@ def main() -> None:
                    "driver_host_ms_per_step": engine.status()["driver_host_ms_per_step"]}
             result["rows"].append(row)
             print_row(row)
-    result["total_s"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+            result["total_s"] = time.perf_counter() - start
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.shape} on {result['card']} ({result['commit']}): {result['total_s']:.0f} s in all; "
           f"wrote {args.out}")
 
@@ -120,11 +123,14 @@ def main() -> None:
 def print_row(row: dict) -> None:
     kernels = row["kernels"] or {}
     busy = kernels.get("busy_ms_per_step", math.nan)
+    span = math.nan if row["gpu_span"] is None else row["gpu_span"]
     print(f"\nbatch {row['batch']}: step {row['wall']:.3f} ms (floor {row['floor_ms']:.3f}, "
-          f"{row['wall'] / row['floor_ms']:.2f}x); device span {row['gpu_span']:.3f} ms; kernels busy {busy:.3f} ms "
-          f"in {kernels.get('kernels_per_step', 0):.0f} kernels; medians of {row['steps']} steps "
-          f"({row['graph_steps']} graph replays)")
+          f"{row['wall'] / row['floor_ms']:.2f}x); device span {span:.3f} ms, so the device waits on the host "
+          f"{row['wall'] - span:.3f} ms; kernels busy {busy:.3f} ms in {kernels.get('kernels_per_step', 0):.0f} "
+          f"kernels; medians of {row['steps']} steps ({row['graph_steps']} graph replays)")
     print("  " + " | ".join(f"{name} {row[name]:.3f}" for name, _, _ in PHASES[:-1]))
+    if "error" in kernels or kernels.get("kernels_per_step") == 0:
+        print(f"  no kernels traced: {kernels.get('error', 'the trace saw no graph kernels')}")
     for k in kernels.get("top", [])[:10]:
         print(f"  {k['ms_per_step']:7.3f} ms {k['share']:6.1%} {k['calls_per_step']:5.0f}x  {k['name'][:90]}")
 

@@ -27,8 +27,7 @@ class StepProfile:
         """The step's inputs are about to go to the device."""
         if graph:
             if self.graph_seen == self.trace_after and self.trace_steps and self.device.type == "cuda":
-                self._tracer = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                self._tracer.start()
+                self._start_trace()
             self.graph_seen += 1
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
@@ -54,12 +53,25 @@ class StepProfile:
                 self._stop_trace()
         return ms
 
+    def _start_trace(self) -> None:
+        # attached after the graphs were captured: CUPTI still reports the kernels of their replays (a profiler
+        # session before capture would silence it for the process's life)
+        try:
+            self._tracer = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._tracer.start()
+        except Exception as exc:  # noqa: BLE001 - a profile without kernels still has its timeline
+            self._tracer, self.kernels = None, {"error": f"trace did not start: {exc}"}
+
     def _stop_trace(self) -> None:
         torch.cuda.synchronize(self.device)
         tracer, self._tracer = self._tracer, None
-        tracer.stop()
-        self.kernels = kernel_table([e for e in tracer.events() if e.device_type == torch.autograd.DeviceType.CUDA],
-                                    self.traced)
+        try:
+            tracer.stop()
+            events = [e for e in tracer.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        except Exception as exc:  # noqa: BLE001
+            self.kernels = {"error": f"trace failed: {exc}"}
+            return
+        self.kernels = kernel_table(events, self.traced)
 
     def close(self) -> dict | None:
         """The kernel table, after stopping a trace cut short (fewer steps than asked)."""
