@@ -27,12 +27,17 @@ from decode import floor_ms, hbm_bandwidth, prompts  # noqa: E402
 
 from rempd import LLM, SamplingParams  # noqa: E402
 
-# (phase, from, to): e = the driver's stamps, w = the output worker's, e+ = the driver's next step
-PHASES = [("engine_schedule_send", "e.begin", "e.sent"), ("to_worker", "e.sent", "w.received"),
-          ("worker_unpack", "w.received", "w.unpacked"), ("worker_pack_copy_launch", "w.unpacked", "w.launched"),
-          ("worker_wait_gpu_and_sample", "w.launched", "w.done"), ("to_engine", "w.done", "e.replied"),
-          ("engine_postprocess", "e.replied", "e.done"), ("caller", "e.done", "e+.begin"),
-          ("wall", "e.begin", "e+.begin")]
+# One step's period, from the worker's reply with a batch's tokens to its reply with the next batch's, as a chain of
+# phases (from, to): e/w = the driver's/worker's stamps of a batch, e+/w+ of the next one. Per batch the driver
+# stamps begin (scheduling began), sent, replied (tokens in), done (outputs made); the worker received, unpacked,
+# launched (stage launched), done (tokens ready). The driver makes a batch's outputs after sending the next batch,
+# so "outputs" overlaps the next step's device work and is not part of the chain.
+PHASES = [("to_engine", "w.done", "e.replied"), ("engine_postprocess", "e.replied", "e+.begin"),
+          ("engine_schedule_send", "e+.begin", "e+.sent"), ("to_worker", "e+.sent", "w+.received"),
+          ("worker_unpack", "w+.received", "w+.unpacked"), ("worker_pack_copy_launch", "w+.unpacked", "w+.launched"),
+          ("worker_wait_gpu_and_sample", "w+.launched", "w+.done"), ("wall", "w.done", "w+.done"),
+          ("outputs", "e+.sent", "e.done")]
+CHAIN = PHASES[:7]
 
 
 def run_batch(llm: LLM, batch: int, prompt: int, gen: int, vocab: int, trace: tuple[int, int]) -> tuple[list, dict]:
@@ -52,11 +57,12 @@ def run_batch(llm: LLM, batch: int, prompt: int, gen: int, vocab: int, trace: tu
 
 
 def phase_medians(engine_rows: list[dict], worker_rows: list[dict], batch: int, skip: int) -> dict:
-    """Median milliseconds of each phase over the steady decode steps: whole-batch decode steps after the first
-    `skip`, each with a next step (whose start ends its wall time)."""
+    """Median milliseconds of each phase over the steady decode steps: pairs of whole-batch decode steps after the
+    first `skip`."""
     if len(engine_rows) != len(worker_rows):
         raise RuntimeError(f"{len(engine_rows)} driver steps but {len(worker_rows)} worker steps")
-    decode = [i for i, w in enumerate(worker_rows[:-1]) if w["seqs"] == w["tokens"] == batch][skip:]
+    whole = [w["seqs"] == w["tokens"] == batch for w in worker_rows]
+    decode = [i for i in range(len(whole) - 1) if whole[i] and whole[i + 1]][skip:]
     if not decode:
         raise RuntimeError(f"no steady decode steps at batch {batch}")
     stamps = lambda i: {**{f"e.{k}": v for k, v in engine_rows[i].items()},  # noqa: E731
@@ -64,12 +70,12 @@ def phase_medians(engine_rows: list[dict], worker_rows: list[dict], batch: int, 
                         **{f"e+.{k}": v for k, v in engine_rows[i + 1].items()}}
     rows = [stamps(i) for i in decode]
     result = {name: 1e3 * statistics.median(r[b] - r[a] for r in rows) for name, a, b in PHASES}
-    spans = [w["gpu_ms"] for w in (worker_rows[i] for i in decode) if not math.isnan(w["gpu_ms"])]
+    spans = [w["gpu_ms"] for w in (worker_rows[i + 1] for i in decode) if not math.isnan(w["gpu_ms"])]
     result["gpu_span"] = statistics.median(spans) if spans else None  # no CUDA events off CUDA
     # the device waits on the host for the rest of a step (the span runs from the step's input copy to its last
     # kernel, so the idle time between those is the graph's own)
     result["gpu_idle"] = None if result["gpu_span"] is None else result["wall"] - result["gpu_span"]
-    result["graph_steps"] = sum(worker_rows[i]["graph"] for i in decode)
+    result["graph_steps"] = sum(worker_rows[i + 1]["graph"] for i in decode)
     result["steps"] = len(decode)
     return result
 
@@ -128,7 +134,8 @@ def print_row(row: dict) -> None:
           f"{row['wall'] / row['floor_ms']:.2f}x); device span {span:.3f} ms, so the device waits on the host "
           f"{row['wall'] - span:.3f} ms; kernels busy {busy:.3f} ms in {kernels.get('kernels_per_step', 0):.0f} "
           f"kernels; medians of {row['steps']} steps ({row['graph_steps']} graph replays)")
-    print("  " + " | ".join(f"{name} {row[name]:.3f}" for name, _, _ in PHASES[:-1]))
+    print("  " + " | ".join(f"{name} {row[name]:.3f}" for name, _, _ in CHAIN) +
+          f" (overlapped: outputs {row['outputs']:.3f})")
     if "error" in kernels or kernels.get("kernels_per_step") == 0:
         print(f"  no kernels traced: {kernels.get('error', 'the trace saw no graph kernels')}")
     for k in kernels.get("top", [])[:10]:

@@ -13,6 +13,7 @@ from rempd.engine.step_input import StepInput
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    sent_stamps: tuple[float, float] = (0.0, 0.0)  # perf_counter when the driver began scheduling it, and sent it
 
     def samplers(self) -> list[Sequence]:
         """Sequences whose step ends on their last token, so they get a new one."""
