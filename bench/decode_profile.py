@@ -1,6 +1,7 @@
 """Where a decode step's time goes, on one GPU: the driver's and the worker's host phases laid on one timeline
-(both log time.perf_counter stamps, one clock per host), the device span of each step (CUDA events from its input
-copy to its last kernel), and the kernels of a traced window of steps (torch.profiler in the worker).
+(both log time.perf_counter stamps, one clock per host), the device span of each step (CUDA events from just before
+its inputs are packed to its last kernel), and the kernels of a traced window of steps (torch.profiler in the
+worker): wall - span is the time the device waits on the host, span - kernels busy the gaps between kernels.
 
 Medians over the steady decode steps of a batch (the first --skip excluded). About 1 minute on one H100 after
 the checkpoint (18 s to make; reused from --checkpoints):
@@ -72,8 +73,7 @@ def phase_medians(engine_rows: list[dict], worker_rows: list[dict], batch: int, 
     result = {name: 1e3 * statistics.median(r[b] - r[a] for r in rows) for name, a, b in PHASES}
     spans = [w["gpu_ms"] for w in (worker_rows[i + 1] for i in decode) if not math.isnan(w["gpu_ms"])]
     result["gpu_span"] = statistics.median(spans) if spans else None  # no CUDA events off CUDA
-    # the device waits on the host for the rest of a step (the span runs from the step's input copy to its last
-    # kernel, so the idle time between those is the graph's own)
+    # the device waits on the host for the rest of a step
     result["gpu_idle"] = None if result["gpu_span"] is None else result["wall"] - result["gpu_span"]
     result["graph_steps"] = sum(worker_rows[i + 1]["graph"] for i in decode)
     result["steps"] = len(decode)

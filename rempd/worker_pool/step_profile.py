@@ -24,7 +24,8 @@ class StepProfile:
     _tracer: object = field(default=None, repr=False)
 
     def before(self, graph: bool) -> None:
-        """The step's inputs are about to go to the device."""
+        """The step's inputs are about to be packed and copied to the device (which is idle: the start event
+        runs at once, so a step's span includes its packing)."""
         if graph:
             if self.graph_seen == self.trace_after and self.trace_steps and self.device.type == "cuda":
                 self._start_trace()
@@ -40,8 +41,8 @@ class StepProfile:
             self._events[1].record()
 
     def finished(self, graph: bool) -> float:
-        """The step's output was waited for: milliseconds from its first input copy to its last kernel on the
-        device (NaN off CUDA)."""
+        """The step's output was waited for: milliseconds on the device from before() to its last kernel (NaN off
+        CUDA)."""
         ms = math.nan
         if self._events is not None:
             start, end = self._events
