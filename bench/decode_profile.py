@@ -68,7 +68,8 @@ def phase_medians(engine_rows: list[dict], worker_rows: list[dict], batch: int, 
         raise RuntimeError(f"no steady decode steps at batch {batch}")
     stamps = lambda i: {**{f"e.{k}": v for k, v in engine_rows[i].items()},  # noqa: E731
                         **{f"w.{k}": v for k, v in worker_rows[i].items()},
-                        **{f"e+.{k}": v for k, v in engine_rows[i + 1].items()}}
+                        **{f"e+.{k}": v for k, v in engine_rows[i + 1].items()},
+                        **{f"w+.{k}": v for k, v in worker_rows[i + 1].items()}}
     rows = [stamps(i) for i in decode]
     result = {name: 1e3 * statistics.median(r[b] - r[a] for r in rows) for name, a, b in PHASES}
     spans = [w["gpu_ms"] for w in (worker_rows[i + 1] for i in decode) if not math.isnan(w["gpu_ms"])]
