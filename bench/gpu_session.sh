@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
-# Writes logs and JSON under $OUT. Usage: bash bench/gpu_session.sh tests|matrix|restart|decode|staged|workload|soak ...
+# Writes logs and JSON under $OUT. Usage: bash bench/gpu_session.sh tests|matrix|restart|decode|decode_profile|staged|workload|soak ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -24,6 +24,10 @@ for step in "$@"; do
     decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate()
         timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --out "$OUT/decode_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
+    decode_profile)  # where a decode step's time goes on one GPU, batch 1 and 64: ~1.5 min with the checkpoint
+        SHAPE=${SHAPE:-llama2-7b}
+        timeout "${LIMIT:-180}" python3 bench/decode_profile.py --shape "$SHAPE" --devices "${DEVICE:-0}" \
+            --checkpoints /tmp/remp-checkpoints --out "$OUT/decode_profile_$SHAPE.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run
         timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1}" \

@@ -81,14 +81,15 @@ class AsyncEngine:
             if not finished:
                 self.commands.put(("abort", request_id))
 
-    def _deliver(self, out: RequestOutput) -> None:
-        stream = self.streams.get(out.request_id)
-        if stream is not None:
-            stream.put_nowait(out)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self.loop.call_soon_threadsafe(self._deliver, out)
+        if outputs:  # one wake-up of the event loop per step, not one per request
+            self.loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _apply(self, command: tuple) -> None:
         kind, request_id, *args = command

@@ -131,8 +131,16 @@ class Worker:
             torch.cuda.empty_cache()
 
     def execute_shared(self, ref: tuple[int, int] | bytes) -> list[int] | None:
-        """execute() of a step the driver wrote to the shared-memory channel."""
-        return self.execute(self.channel.read(ref))
+        """execute() of a step the driver wrote to the shared-memory channel; the step's times go to the log."""
+        received = time.perf_counter()
+        step = self.channel.read(ref)
+        unpacked = time.perf_counter()
+        tokens = self.execute(step)
+        self.runner.finished(received, unpacked, step)
+        return tokens
+
+    def profile(self, action: str, *args: int) -> dict | None:
+        return self.runner.profile_command(action, *args)
 
     def execute(self, step: StepInput, return_logits: bool = False) -> list[int] | torch.Tensor | None:
         if self.stage is None:
