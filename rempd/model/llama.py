@@ -7,7 +7,8 @@ from torch import nn
 
 from rempd.model.attention import AttentionMetadata
 from rempd.model.config import ModelConfig
-from rempd.model.layers import TensorParallel, rms_norm, row_parallel, vocab_parallel_embedding
+from rempd.model.fused_ops import FusedOps, ReferenceOps
+from rempd.model.layers import TensorParallel, row_parallel, vocab_parallel_embedding
 from rempd.model.paged_attention import KernelMetadata
 from rempd.model.rotary import Rotary
 from rempd.model.sharding import even_range, shard_rows
@@ -47,19 +48,20 @@ class DecoderLayer(nn.Module):
                       "self_attn.v_proj.bias": self.qkv_bias[q + kv:]}
         self.views = {p + name: t for name, t in views.items()}
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv: torch.Tensor,
-                meta: AttentionMetadata | KernelMetadata) -> torch.Tensor:
-        cfg, hd = self.cfg, self.cfg.head_dim
-        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
-        q, k, v = F.linear(h, self.qkv, self.qkv_bias).split([self.q_local, self.kv_local, self.kv_local], -1)
-        q = rotary.apply(q.view(-1, self.q_local // hd, hd), positions)
-        k = rotary.apply(k.view(-1, self.kv_local // hd, hd), positions)
-        meta.store(kv[0], kv[1], k, v.view(-1, self.kv_local // hd, hd))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rotary: Rotary,
+                kv: torch.Tensor, meta: AttentionMetadata | KernelMetadata,
+                ops: type[ReferenceOps]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, residual: the stream before it (None for a stage's first layer).
+        Returns this layer's output and the stream it is to be added to."""
+        eps, hd = self.cfg.rms_norm_eps, self.cfg.head_dim
+        h, residual = ops.add_rms_norm(x, residual, self.input_norm, eps)
+        q, k, v = ops.rotate_qkv(F.linear(h, self.qkv, self.qkv_bias), positions, rotary, self.q_local,
+                                 self.kv_local, hd)
+        meta.store(kv[0], kv[1], k, v)
         attn = meta.attend(q, kv[0], kv[1], self.scale)
-        x = x + row_parallel(attn.flatten(1), self.o_t, self.tp)
-        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
-        return x + row_parallel(F.silu(gate) * up, self.down_t, self.tp)
+        h, residual = ops.add_rms_norm(row_parallel(attn.flatten(1), self.o_t, self.tp), residual, self.post_norm,
+                                       eps)
+        return row_parallel(ops.silu_mul(F.linear(h, self.gate_up)), self.down_t, self.tp), residual
 
 
 class LlamaStage(nn.Module):
@@ -98,9 +100,12 @@ class LlamaStage(nn.Module):
 
         Returns hidden states, or on the last stage the full-vocabulary logits of the sampled rows."""
         x = vocab_parallel_embedding(inputs, self.embed, self.vocab_start, self.tp) if self.is_first else inputs
+        # the Triton kernel path runs the layers' small ops fused too; the reference path stays plain PyTorch
+        ops = FusedOps if isinstance(meta, KernelMetadata) else ReferenceOps
+        residual = None
         for local, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[local], meta)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache[local], meta, ops)
         if not self.is_last:
-            return x
-        x = rms_norm(x[sample_indices], self.norm, self.cfg.rms_norm_eps)
+            return ops.add(x, residual)
+        x, _ = ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps, rows=sample_indices)
         return self.tp.gather_columns(F.linear(x, self.lm_head).float(), self.cfg.vocab_size)

@@ -1,0 +1,88 @@
+"""The fused Triton ops of the kernel path against their PyTorch reference, on CPU through Triton's interpreter.
+Skipped where Triton is not installed; the GPU tests run the same kernels compiled inside the whole model."""
+import os
+
+import pytest
+import torch
+
+if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
+pytest.importorskip("triton")
+
+from rempd.model.config import ModelConfig  # noqa: E402
+from rempd.model.fused_ops import FusedOps, ReferenceOps  # noqa: E402
+from rempd.model.rotary import Rotary  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# float32: only the order of a sum may differ; compiled, exp and rsqrt are the GPU's approximations
+EXACT = dict(atol=1e-6, rtol=1e-6) if DEVICE.type == "cpu" else dict(atol=1e-5, rtol=1e-5)
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit under the interpreter; within one float16 rounding where the GPU's approximations run."""
+    if DEVICE.type == "cpu":
+        assert torch.equal(got.cpu(), want)
+    else:
+        torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
+
+
+def on_device(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("width, with_residual, rows", [
+    (48, True, None),  # the residual add fused in; width not a power of two
+    (64, False, None),  # a stage's first layer: plain norm, the input is the residual
+    (48, True, [4, 0, 2]),  # the last stage's final norm, on the sampled rows only
+    (32, False, [1]),
+])
+def test_add_rms_norm(width, with_residual, rows):
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(5, width) * 3, torch.randn(5, width), torch.rand(width) + 0.5
+    residual = residual if with_residual else None
+    rows = None if rows is None else torch.tensor(rows)
+    want_out, want_residual = ReferenceOps.add_rms_norm(x, residual, weight, 1e-5, rows=rows)
+    got_out, got_residual = FusedOps.add_rms_norm(*on_device(x, residual, weight), 1e-5, rows=on_device(rows)[0])
+    torch.testing.assert_close(got_out.cpu(), want_out, **EXACT)
+    assert torch.equal(got_residual.cpu(), want_residual)  # one float32 add: bit for bit
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (6, 1, 8), (3, 3, 12)])
+def test_rotate_qkv_in_place(heads, kv_heads, head_dim):
+    torch.manual_seed(1)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=heads * head_dim,
+                      intermediate_size=8, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=64, rope_theta=10000.0)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(7, q_width + 2 * kv_width)
+    positions = torch.tensor([0, 5, 63, 1, 17, 17, 40])
+    want = ReferenceOps.rotate_qkv(qkv, positions, Rotary(cfg, 64, torch.device("cpu")), q_width, kv_width,
+                                   head_dim)
+    fused_qkv = qkv.to(DEVICE)
+    got = FusedOps.rotate_qkv(fused_qkv, positions.to(DEVICE), Rotary(cfg, 64, DEVICE), q_width, kv_width,
+                              head_dim)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.cpu(), w, **EXACT)
+    assert got[0].data_ptr() == fused_qkv.data_ptr()  # views of the projection output: no copies
+    assert torch.equal(fused_qkv[:, -kv_width:].cpu(), qkv[:, -kv_width:])  # v untouched
+
+
+@pytest.mark.parametrize("width, tokens", [(40, 3), (1100, 2)])  # 1100: more than one column tile
+def test_silu_mul(width, tokens):
+    torch.manual_seed(2)
+    gate_up = torch.randn(tokens, 2 * width) * 4
+    torch.testing.assert_close(FusedOps.silu_mul(gate_up.to(DEVICE)).cpu(), ReferenceOps.silu_mul(gate_up),
+                               **EXACT)
+
+
+def test_half_precision_rounds_where_the_reference_rounds():
+    """In float16 the kernels round the sum, the normalised row and silu's output as PyTorch does: bit for bit.
+    (bfloat16 is left to the GPU tests: the interpreter truncates bfloat16 where the GPU rounds to nearest.)"""
+    torch.manual_seed(3)
+    x, residual = (torch.randn(4, 48) * 3).half(), torch.randn(4, 48).half()
+    weight, gate_up = (torch.rand(48) + 0.5).half(), (torch.randn(3, 80) * 4).half()
+    got = FusedOps.add_rms_norm(*on_device(x, residual, weight), 1e-5)
+    for g, w in zip(got, ReferenceOps.add_rms_norm(x, residual, weight, 1e-5)):
+        assert_same(g, w)
+    assert_same(FusedOps.silu_mul(gate_up.to(DEVICE)), ReferenceOps.silu_mul(gate_up))
