@@ -10,6 +10,7 @@ if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from rempd.model.attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
+from rempd.model import paged_attention as paged_attention_kernels  # noqa: E402
 from rempd.model.paged_attention import KernelMetadata  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,10 +32,16 @@ def make_step(query_lens: list[int], context_lens: list[int], block_size: int, n
     ([1, 1, 1], [1, 17, 40], 4, 2),  # decode, GQA
     ([5, 1, 23], [5, 30, 70], 4, 4),  # prefill, decode and a chunk on top of cached context
     ([7, 1], [20, 33], 6, 1),  # replicated KV head: a group of 6 (not a power of two)
+    ([1, 1, 1, 1], [300, 5, 129, 128], 6, 2),  # split-KV decode: 3 splits of 128 keys, contexts at their edges
 ])
-def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads):
+@pytest.mark.parametrize("split_kv", [True, False])
+def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads, split_kv, monkeypatch):
+    if not split_kv:
+        if max(query_lens) > 1:
+            pytest.skip("prefill never splits")
+        monkeypatch.setattr(paged_attention_kernels, "SPLIT_KV_BELOW", 0)
     torch.manual_seed(0)
-    head_dim, block_size, num_blocks, dtype = 16, 16, 24, torch.float32
+    head_dim, block_size, num_blocks, dtype = 16, 16, 48, torch.float32
     tables, slots = make_step(query_lens, context_lens, block_size, num_blocks, seed=1)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
     tokens = sum(query_lens)
@@ -47,10 +54,10 @@ def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads):
     write_kv(ref_cache[0], ref_cache[1], k, v, ref_meta.slot_mapping)
     expected = paged_attention(q.contiguous(), ref_cache[0], ref_cache[1], ref_meta, 0.3)
 
-    kv = cache.to(DEVICE)
+    kv, width = cache.to(DEVICE), max(8, *map(len, tables))
     meta = KernelMetadata(
         slot_mapping=torch.tensor(slots, device=DEVICE),
-        block_tables=torch.tensor([t + [0] * (8 - len(t)) for t in tables], device=DEVICE),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE),
         query_start=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device=DEVICE),
         context_lens=torch.tensor(context_lens, device=DEVICE), max_query_len=max(query_lens))
     meta.store(kv[0], kv[1], k.to(DEVICE), v.to(DEVICE))
@@ -59,8 +66,11 @@ def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_rows_write_nothing_and_read_nothing():
+@pytest.mark.parametrize("split_kv", [True, False])
+def test_padding_rows_write_nothing_and_read_nothing(split_kv, monkeypatch):
     """A CUDA-graph bucket pads the batch with slot -1 and context 0: the cache is untouched, outputs are 0."""
+    if not split_kv:
+        monkeypatch.setattr(paged_attention_kernels, "SPLIT_KV_BELOW", 0)
     head_dim, block_size = 16, 16
     kv = torch.randn(2, 4, block_size, 2, head_dim, device=DEVICE)
     before = kv.clone()

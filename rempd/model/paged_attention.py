@@ -11,6 +11,14 @@ from dataclasses import dataclass
 import torch
 
 
+# split-KV decode when a step has at most this many (sequence, KV head) pairs: fewer programs than an H100 has
+# SMs, twice over, leave most of them idle while each one walks a whole context
+SPLIT_KV_BELOW = 256
+SPLIT_MIN_KEYS = 128  # keys per split at least
+SPLIT_MAX_PARTS = 64  # splits at most: longer contexts get longer splits
+SPLIT_BLOCK_N = 64
+
+
 def kernels_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -56,6 +64,8 @@ class KernelMetadata:
         out = torch.empty_like(q)
         if tokens == 0:
             return out
+        if self.max_query_len == 1 and self.context_lens.shape[0] * kv_heads <= SPLIT_KV_BELOW:
+            return self._attend_split(q, k_cache, v_cache, scale, out)
         # a tile's rows are (query token, head of the group) pairs: decode packs a GQA group into one tile
         block_m = _pow2(group, 16 if self.max_query_len == 1 else 64)
         per_tile = block_m // group
@@ -67,4 +77,28 @@ class KernelMetadata:
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), self.block_tables.stride(0),
             BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim, 16),
             BLOCK_M=block_m, BLOCK_N=64, IEEE=q.dtype == torch.float32, INTERPRET=kernels.INTERPRETED)
+        return out
+
+    def _attend_split(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                      out: torch.Tensor) -> torch.Tensor:
+        """Decode with few (sequence, KV head) pairs: each sequence's keys are split into partitions that run
+        in parallel (flash-decoding), then combined. The split count follows from the block table's width, known
+        on the host, so a CUDA graph's launch grid stays fixed; splits past a sequence's context return at once."""
+        _, heads, head_dim = q.shape
+        kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        seqs, max_context = self.block_tables.shape[0], self.block_tables.shape[1] * block_size
+        part = max(SPLIT_MIN_KEYS, _pow2(-(-max_context // SPLIT_MAX_PARTS), 1))
+        splits = -(-max_context // part)
+        part_acc = torch.empty(seqs, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(seqs, heads, splits, 2, dtype=torch.float32, device=q.device)
+        kernels, block_d = _kernels(), _pow2(head_dim, 16)
+        kernels.paged_decode_split[(seqs, kv_heads, splits)](
+            q, k_cache, v_cache, part_acc, part_ml, self.block_tables, self.query_start, self.context_lens, scale,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            self.block_tables.stride(0), BLOCK_SIZE=block_size, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_M=_pow2(heads // kv_heads, 16), BLOCK_N=SPLIT_BLOCK_N, PART=part,
+            IEEE=q.dtype == torch.float32)
+        kernels.paged_decode_combine[(seqs, heads)](
+            part_acc, part_ml, out, self.query_start, self.context_lens, out.stride(0), out.stride(1), HEADS=heads,
+            SPLITS=splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_pow2(splits, 2), PART=part)
         return out

@@ -97,4 +97,68 @@ def paged_attention(q_ptr, k_cache, v_cache, out_ptr, block_tables, query_start,
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def paged_decode_split(q_ptr, k_cache, v_cache, part_acc, part_ml, block_tables, query_start, context_lens, scale,
+                       stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+                       BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr, IEEE: tl.constexpr):
+    """Split-KV decode (one query per sequence): program (sequence, KV head, split) folds keys
+    [split * PART, (split + 1) * PART) into a partial softmax state for the heads of the group: unnormalised
+    acc into part_acc[seq, head, split], running max and sum into part_ml[seq, head, split, 0:2]."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    q_row = tl.load(query_start + seq)
+    ctx = tl.load(context_lens + seq)
+    start = split * PART
+    if (start < ctx) & (tl.load(query_start + seq + 1) > q_row):
+        rows = tl.arange(0, BLOCK_M)
+        head = kv_head * GROUP + rows
+        row_ok = rows < GROUP
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        position = tl.zeros([BLOCK_M], tl.int64) + ctx - 1
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end = tl.minimum(ctx, start + PART)
+        for i in range(PART // BLOCK_N):  # a static trip count: keys past `end` are masked out
+            m_i, l_i, acc = _attend_keys(q, k_cache, v_cache, block_tables, seq, kv_head, start + i * BLOCK_N, end,
+                                         position, d, d_ok, m_i, l_i, acc, scale, stride_cb, stride_cs, stride_ch,
+                                         stride_bt, BLOCK_SIZE, BLOCK_N, IEEE)
+        at = (seq * tl.num_programs(1) * GROUP + head).to(tl.int64) * splits + split
+        tl.store(part_acc + at[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_ml + at * 2, m_i, mask=row_ok)
+        tl.store(part_ml + at * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def paged_decode_combine(part_acc, part_ml, out_ptr, query_start, context_lens, stride_ot, stride_oh,
+                         HEADS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_S: tl.constexpr, PART: tl.constexpr):
+    """Program (sequence, head): the splits that saw keys, rescaled to their common max and normalised."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(query_start + seq)
+    if tl.load(query_start + seq + 1) > q_row:
+        used = (tl.load(context_lens + seq) + PART - 1) // PART
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < used
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        at = (seq * HEADS + head).to(tl.int64) * SPLITS + s
+        m = tl.load(part_ml + at * 2, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(part_ml + at * 2 + 1, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        weight = tl.where(s_ok, tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)), 0.0)
+        acc = tl.load(part_acc + at[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        total = tl.sum(weight * l_s, 0)
+        out = tl.sum(weight[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+                 mask=d_ok)
+
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
