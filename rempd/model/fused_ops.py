@@ -62,7 +62,7 @@ class FusedOps(ReferenceOps):
                 x, x if residual is None else residual, weight, out, new_residual, x if rows is None else rows,
                 eps, x.stride(0), x.stride(0) if residual is None else residual.stride(0), out.stride(0),
                 new_residual.stride(0), WIDTH=width, BLOCK=_pow2(width), HAS_RESIDUAL=residual is not None,
-                HAS_ROWS=rows is not None)
+                HAS_ROWS=rows is not None, num_warps=min(max(_pow2(width) // 512, 4), 16))
         return out, new_residual
 
     @staticmethod

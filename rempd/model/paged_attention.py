@@ -98,7 +98,8 @@ class KernelMetadata:
             self.block_tables.stride(0), BLOCK_SIZE=block_size, GROUP=heads // kv_heads, HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_M=_pow2(heads // kv_heads, 16), BLOCK_N=SPLIT_BLOCK_N, PART=part,
             IEEE=q.dtype == torch.float32)
+        # `splits` varies between eager steps: a runtime argument, so that no step compiles a new kernel
         kernels.paged_decode_combine[(seqs, heads)](
-            part_acc, part_ml, out, self.query_start, self.context_lens, out.stride(0), out.stride(1), HEADS=heads,
-            SPLITS=splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_pow2(splits, 2), PART=part)
+            part_acc, part_ml, out, self.query_start, self.context_lens, splits, out.stride(0), out.stride(1),
+            HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_pow2(splits, 2), PART=part)
         return out

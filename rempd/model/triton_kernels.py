@@ -136,8 +136,8 @@ def paged_decode_split(q_ptr, k_cache, v_cache, part_acc, part_ml, block_tables,
 
 
 @triton.jit
-def paged_decode_combine(part_acc, part_ml, out_ptr, query_start, context_lens, stride_ot, stride_oh,
-                         HEADS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def paged_decode_combine(part_acc, part_ml, out_ptr, query_start, context_lens, splits, stride_ot, stride_oh,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_S: tl.constexpr, PART: tl.constexpr):
     """Program (sequence, head): the splits that saw keys, rescaled to their common max and normalised."""
     seq = tl.program_id(0)
@@ -149,7 +149,7 @@ def paged_decode_combine(part_acc, part_ml, out_ptr, query_start, context_lens, 
         s_ok = s < used
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        at = (seq * HEADS + head).to(tl.int64) * SPLITS + s
+        at = (seq * HEADS + head).to(tl.int64) * splits + s
         m = tl.load(part_ml + at * 2, mask=s_ok, other=float("-inf"))
         l_s = tl.load(part_ml + at * 2 + 1, mask=s_ok, other=0.0)
         m_max = tl.max(m, 0)
