@@ -9,8 +9,10 @@ if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
 pytest.importorskip("triton")
 
+from rempd.model.attention import AttentionMetadata  # noqa: E402
 from rempd.model.config import ModelConfig  # noqa: E402
 from rempd.model.fused_ops import FusedOps, ReferenceOps  # noqa: E402
+from rempd.model.paged_attention import KernelMetadata  # noqa: E402
 from rempd.model.rotary import Rotary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,24 +50,31 @@ def test_add_rms_norm(width, with_residual, rows):
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (6, 1, 8), (3, 3, 12)])
-def test_rotate_qkv_in_place(heads, kv_heads, head_dim):
+def test_rotate_and_store(heads, kv_heads, head_dim):
+    """q rotated in place in the projection output; k rotated and v copied into the cache at the token's slot;
+    a padding token (slot -1) writes nothing."""
     torch.manual_seed(1)
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=heads * head_dim,
                       intermediate_size=8, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                       max_position_embeddings=64, rope_theta=10000.0)
-    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    q_width, kv_width, block_size = heads * head_dim, kv_heads * head_dim, 4
     qkv = torch.randn(7, q_width + 2 * kv_width)
     positions = torch.tensor([0, 5, 63, 1, 17, 17, 40])
-    want = ReferenceOps.rotate_qkv(qkv, positions, Rotary(cfg, 64, torch.device("cpu")), q_width, kv_width,
-                                   head_dim)
-    fused_qkv = qkv.to(DEVICE)
-    got = FusedOps.rotate_qkv(fused_qkv, positions.to(DEVICE), Rotary(cfg, 64, DEVICE), q_width, kv_width,
-                              head_dim)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        torch.testing.assert_close(g.cpu(), w, **EXACT)
-    assert got[0].data_ptr() == fused_qkv.data_ptr()  # views of the projection output: no copies
-    assert torch.equal(fused_qkv[:, -kv_width:].cpu(), qkv[:, -kv_width:])  # v untouched
+    slots = [9, 0, 22, 3, 14, 13, -1]
+    cache = torch.randn(2, 6, block_size, kv_heads, head_dim)
+    # the reference stores the padding token in slot 23, which is then put back as it was
+    ref_cache, ref_slots = cache.clone(), torch.tensor(slots[:-1] + [23])
+    ref_meta = AttentionMetadata(ref_slots, *[None] * 5)  # store() reads only the slots
+    want = ReferenceOps.rotate_and_store(qkv, positions, Rotary(cfg, 64, torch.device("cpu")), ref_meta, ref_cache,
+                                         q_width, kv_width, head_dim)
+    ref_cache.view(2, -1, kv_heads, head_dim)[:, 23] = cache.view(2, -1, kv_heads, head_dim)[:, 23]
+    fused_qkv, fused_cache = qkv.clone().to(DEVICE), cache.clone().to(DEVICE)
+    meta = KernelMetadata(torch.tensor(slots, device=DEVICE), *[None] * 3, max_query_len=1)
+    got = FusedOps.rotate_and_store(fused_qkv, positions.to(DEVICE), Rotary(cfg, 64, DEVICE), meta, fused_cache,
+                                    q_width, kv_width, head_dim)
+    assert got.shape == (7, heads, head_dim) and got.data_ptr() == fused_qkv.data_ptr()  # a view: no copy
+    torch.testing.assert_close(got.cpu(), want, **EXACT)
+    torch.testing.assert_close(fused_cache.cpu(), ref_cache, **EXACT)
 
 
 @pytest.mark.parametrize("width, tokens", [(40, 3), (1100, 2)])  # 1100: more than one column tile

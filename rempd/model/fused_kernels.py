@@ -32,25 +32,39 @@ def rms_norm(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, rows_pt
 
 
 @triton.jit
-def rotary(qkv_ptr, positions, cos_ptr, sin_ptr, stride_t, stride_c, HEADS: tl.constexpr, HALF: tl.constexpr,
-           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token, head tile) rotates, in place, heads [tile * BLOCK_H, ...) of the token's q and k heads,
-    which lie packed at the start of its qkv row; cos/sin rows are read at the token's position."""
+def rotary_store(qkv_ptr, positions, cos_ptr, sin_ptr, slots, k_cache, v_cache, stride_t, stride_c,
+                 Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Program (token, head tile) over the token's q heads then k heads, packed at the start of its qkv row:
+    q heads are rotated in place; k heads are rotated into cache slot `slots[t]`, and the v head of the same
+    index copied beside them (slot -1: padding, nothing written). cos/sin rows are read at the token's position."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions + t).to(tl.int64)
+    slot = tl.load(slots + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d_ok = d < HALF
     dtype = qkv_ptr.dtype.element_ty
     # the reference casts the table to the model dtype before multiplying
-    cos = tl.load(cos_ptr + pos * stride_c + d, mask=d_ok, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_c + d, mask=d_ok, other=0.0).to(dtype).to(tl.float32)
-    first = qkv_ptr + t * stride_t + h[:, None] * (2 * HALF) + d[None, :]
-    mask = (h[:, None] < HEADS) & d_ok[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype), mask=mask)
-    tl.store(first + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype), mask=mask)
+    cos = tl.load(cos_ptr + pos * stride_c + d, mask=d_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_c + d, mask=d_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+    row = qkv_ptr + t * stride_t
+    first = row + h[:, None] * (2 * HALF) + d[None, :]
+    q_mask = (h < Q_HEADS)[:, None] & d_ok[None, :]
+    k_mask = ((h >= Q_HEADS) & (h < Q_HEADS + KV_HEADS))[:, None] & d_ok[None, :]
+    x1 = tl.load(first, mask=q_mask | k_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=q_mask | k_mask, other=0.0).to(tl.float32)
+    r1 = (x1 * cos - x2 * sin).to(dtype)
+    r2 = (x2 * cos + x1 * sin).to(dtype)
+    tl.store(first, r1, mask=q_mask)
+    tl.store(first + HALF, r2, mask=q_mask)
+    if slot >= 0:
+        at = slot * (KV_HEADS * 2 * HALF) + (h - Q_HEADS)[:, None] * (2 * HALF) + d[None, :]
+        tl.store(k_cache + at, r1, mask=k_mask)
+        tl.store(k_cache + at + HALF, r2, mask=k_mask)
+        v = first + KV_HEADS * 2 * HALF  # v head i sits KV_HEADS heads after k head i
+        tl.store(v_cache + at, tl.load(v, mask=k_mask), mask=k_mask)
+        tl.store(v_cache + at + HALF, tl.load(v + HALF, mask=k_mask), mask=k_mask)
 
 
 @triton.jit

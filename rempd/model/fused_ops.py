@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from rempd.model.attention import AttentionMetadata
 from rempd.model.layers import rms_norm
+from rempd.model.paged_attention import KernelMetadata
 from rempd.model.rotary import Rotary
 
 
@@ -32,13 +34,16 @@ class ReferenceOps:
         return x if residual is None else x + residual
 
     @staticmethod
-    def rotate_qkv(qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary, q_width: int, kv_width: int,
-                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """qkv: [tokens, q_width + 2 kv_width] → q, k rotated, v, each [tokens, heads, head_dim]."""
+    def rotate_and_store(qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                         meta: AttentionMetadata | KernelMetadata, kv: torch.Tensor, q_width: int, kv_width: int,
+                         head_dim: int) -> torch.Tensor:
+        """qkv: [tokens, q_width + 2 kv_width]. Rotates q and k, writes k and v to the cache kv ([2, blocks,
+        block_size, kv_heads, head_dim]) at the step's slots; returns q as [tokens, heads, head_dim]."""
         q, k, v = qkv.split([q_width, kv_width, kv_width], -1)
         q = rotary.apply(q.view(-1, q_width // head_dim, head_dim), positions)
         k = rotary.apply(k.view(-1, kv_width // head_dim, head_dim), positions)
-        return q, k, v.view(-1, kv_width // head_dim, head_dim)
+        meta.store(kv[0], kv[1], k, v.view(-1, kv_width // head_dim, head_dim))
+        return q
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -66,20 +71,22 @@ class FusedOps(ReferenceOps):
         return out, new_residual
 
     @staticmethod
-    def rotate_qkv(qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary, q_width: int, kv_width: int,
-                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotates q and k in place in qkv (a fresh projection output) and returns views of it."""
+    def rotate_and_store(qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: KernelMetadata,
+                         kv: torch.Tensor, q_width: int, kv_width: int, head_dim: int) -> torch.Tensor:
+        """One kernel: q rotated in place in qkv (a fresh projection output, returned as a view of it), k rotated
+        and v copied straight into the cache."""
         from rempd.model import fused_kernels
 
-        assert qkv.is_contiguous() and rotary.cos.is_contiguous() and rotary.sin.is_contiguous()
-        tokens, heads = qkv.shape[0], (q_width + kv_width) // head_dim
-        block_h = min(_pow2(heads), 16)
+        assert qkv.is_contiguous() and kv[0].is_contiguous() and kv[1].is_contiguous()
+        assert rotary.cos.is_contiguous() and rotary.sin.is_contiguous()
+        tokens, q_heads, kv_heads = qkv.shape[0], q_width // head_dim, kv_width // head_dim
+        block_h = min(_pow2(q_heads + kv_heads), 16)
         if tokens:
-            fused_kernels.rotary[(tokens, -(-heads // block_h))](
-                qkv, positions, rotary.cos, rotary.sin, qkv.stride(0), rotary.cos.stride(0), HEADS=heads,
-                HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_D=_pow2(head_dim // 2))
-        q, k, v = qkv.split([q_width, kv_width, kv_width], -1)
-        return tuple(t.view(tokens, -1, head_dim) for t in (q, k, v))
+            fused_kernels.rotary_store[(tokens, -(-(q_heads + kv_heads) // block_h))](
+                qkv, positions, rotary.cos, rotary.sin, meta.slot_mapping, kv[0], kv[1], qkv.stride(0),
+                rotary.cos.stride(0), Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_H=block_h,
+                BLOCK_D=_pow2(head_dim // 2))
+        return qkv[:, :q_width].view(tokens, q_heads, head_dim)
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,8 @@ class DecoderLayer(nn.Module):
         Returns this layer's output and the stream it is to be added to."""
         eps, hd = self.cfg.rms_norm_eps, self.cfg.head_dim
         h, residual = ops.add_rms_norm(x, residual, self.input_norm, eps)
-        q, k, v = ops.rotate_qkv(F.linear(h, self.qkv, self.qkv_bias), positions, rotary, self.q_local,
+        q = ops.rotate_and_store(F.linear(h, self.qkv, self.qkv_bias), positions, rotary, meta, kv, self.q_local,
                                  self.kv_local, hd)
-        meta.store(kv[0], kv[1], k, v)
         attn = meta.attend(q, kv[0], kv[1], self.scale)
         h, residual = ops.add_rms_norm(row_parallel(attn.flatten(1), self.o_t, self.tp), residual, self.post_norm,
                                        eps)

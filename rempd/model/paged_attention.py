@@ -43,18 +43,6 @@ class KernelMetadata:
     context_lens: torch.Tensor  # [seqs] tokens in the cache after this step, the new ones included
     max_query_len: int
 
-    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k_cache/v_cache: [num_blocks, block_size, kv_heads, head_dim]; k/v: [tokens, kv_heads, head_dim]
-        whose rows may be strided (views into the fused qkv projection) but whose heads are packed."""
-        tokens, kv_heads, head_dim = k.shape
-        width = kv_heads * head_dim
-        for t in (k, v):
-            assert t.stride(2) == 1 and t.stride(1) == head_dim, "heads of a token must be packed"
-        assert k_cache.is_contiguous() and v_cache.is_contiguous()
-        if tokens:
-            _kernels().store_kv[(tokens,)](k, v, k_cache, v_cache, self.slot_mapping, k.stride(0), v.stride(0),
-                                           width, BLOCK=_pow2(width, 16))
-
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim] -> [tokens, heads, head_dim]. Query head h reads KV head h // group,
         which covers GQA and KV heads replicated across TP ranks alike."""
