@@ -149,6 +149,8 @@ class DaemonConfig:
     block_size: int = _opt(16, _strict(int), "tokens per KV block")
     switch_round_bytes: int = _opt(1 << 30, parse_size, "a switch moves weights between devices in rounds of "
                                    "this size: smaller needs less memory beside the old and new shards")
+    switch_in_place: str = _opt("auto", _strict(str), "build a switch's new shards layer by layer, freeing old layers "
+                                "as they go: auto (when old and new shards do not fit side by side), always, never")
     switch_mode: str = _opt("stop_the_world", _strict(str), "how a switch runs unless its request says: "
                             "stop_the_world, or staged (the old topology serves while the new one is prepared; "
                             "stop-the-world if it cannot fit)")
@@ -212,6 +214,8 @@ class DaemonConfig:
             problems.append("max_model_len must be at least 2")
         if self.switch_mode not in ("staged", "stop_the_world"):
             problems.append(f"switch_mode {self.switch_mode!r} is not staged or stop_the_world")
+        if self.switch_in_place not in ("auto", "always", "never"):
+            problems.append(f"switch_in_place {self.switch_in_place!r} is not auto, always or never")
         if self.worker_timeout <= 0:
             problems.append("worker_timeout must be positive")
         if self.max_request_bytes < 1024:
@@ -241,7 +245,7 @@ class DaemonConfig:
             kv_cache_memory=self.kv_cache_memory, gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes,
-            switch_mode=self.switch_mode, staging_memory=self.staging_memory,
+            switch_mode=self.switch_mode, switch_in_place=self.switch_in_place, staging_memory=self.staging_memory,
             staging_chunk_bytes=self.staging_chunk_bytes, worker_timeout=self.worker_timeout)
 
 

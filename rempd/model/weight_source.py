@@ -15,10 +15,14 @@ class WeightSource:
     row_shape: Callable[[str], tuple[int, ...]]  # a stored tensor's shape without its first axis
     dtype: torch.dtype
     device: torch.device
+    # called with the first name before each allocation: a layer-ordered switch runs its steps there
+    before: Callable[[str], None] | None = None
 
     def take(self, *spans: tuple[str, tuple[int, int]]) -> torch.Tensor:
         """The rows of these tensors stacked in one allocation: fused weights are written in place, never
         concatenated, so building a stage copies each byte once."""
+        if self.before is not None:
+            self.before(spans[0][0])
         total = sum(b - a for _, (a, b) in spans)
         out = torch.empty(total, *self.row_shape(spans[0][0]), dtype=self.dtype, device=self.device)
         offset = 0
