@@ -41,22 +41,19 @@ class InPlaceBuild:
         self.targets: dict[int, torch.Tensor] = {}  # peer piece index → its rows in a new tensor
         self.local: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, source) copies of the step
         self.done = 0  # steps run
-        self.building = -1  # the unit whose new tensors are being allocated
-        # ("build", unit) as the new stage starts a unit; ("free", unit, released): old tensors of a unit dropped,
-        # released telling whether they are really gone (nothing else held them)
+        # what this worker allocated and freed, in order: ("build", unit, bytes) for each new tensor, ("free", unit,
+        # bytes, released) for each old allocation dropped, released telling that nothing else kept it alive
         self.log: list[tuple] = []
 
     def old_view(self, piece: WeightPiece) -> torch.Tensor:
         start = self.old_rows[piece.name][0]
         return self.old_weights[piece.name][piece.start - start:piece.stop - start]
 
-    def before(self, name: str) -> None:
+    def before(self, name: str, nbytes: int) -> None:
         """WeightSource calls this before it allocates the new tensor that starts with `name`."""
         unit = unit_of(name, self.new_is_first, self.plan.num_layers)
         self.reach(self.step_of[unit])
-        if unit != self.building:
-            self.building = unit
-            self.log.append(("build", unit))
+        self.log.append(("build", unit, nbytes))
 
     def fill(self, name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
         for i, piece in self.mine[name]:
@@ -104,16 +101,16 @@ class InPlaceBuild:
             request.wait()
 
     def free(self, k: int) -> None:
-        names = self.free_after.get(k, [])
-        if not names:
-            return
-        bases = {}
-        for name in names:
+        bases = []
+        for name in self.free_after.get(k, []):
             view = self.old_weights.pop(name)
             base = view._base if view._base is not None else view
-            bases.setdefault(unit_of(name, self.old_is_first, self.plan.num_layers), []).append(weakref.ref(base))
+            if all(ref() is not base for _, _, ref in bases):  # fused tensors: one allocation, several names
+                unit = unit_of(name, self.old_is_first, self.plan.num_layers)
+                bases.append((unit, base.numel() * base.element_size(), weakref.ref(base)))
+        if not bases:
+            return
         del view, base  # the loop's names: the last tensor would outlive the step
         if self.worker.device.type == "cuda":
             torch.cuda.empty_cache()  # waits for this step's copies and transfers, then returns the old blocks
-        for unit, refs in sorted(bases.items()):
-            self.log.append(("free", unit, all(ref() is None for ref in refs)))
+        self.log += [("free", unit, nbytes, ref() is None) for unit, nbytes, ref in bases]

@@ -178,15 +178,13 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     from rempd.model.weight_source import WeightSource
     from rempd.migrate.in_place import InPlaceBuild
     from rempd.migrate.shards import shard_of
+    from rempd.migrate.transform_memory import transform_extra
 
     me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
     old_shard, new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
     times = ReshardTimes()
     clock = Clock(times, dev)
     worker._wait_sends()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        start_bytes = torch.cuda.memory_allocated(dev)
     live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
     packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
     clock.mark("kv_pack")
@@ -196,6 +194,9 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory
             torch.cuda.empty_cache()
         clock.mark("kv_free")
+    if dev.type == "cuda":  # the weights' peak is measured from here (for the GPU test of plan's memory model)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_bytes = torch.cuda.memory_allocated(dev) - sum(t.numel() * t.element_size() for t in packed.values())
 
     old_weights = worker.stage.named_weights() if worker.stage is not None else {}
     old_rows = geo.holdings(old_shard) if old_shard else {}
@@ -251,8 +252,9 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         if not reuse and dev.type == "cuda":  # a kept pool stays where it is; freed weights stay cached for the next
             torch.cuda.empty_cache()
             clock.mark("weights_free")
-    if dev.type == "cuda":  # what the weights took at most, for the GPU test of the layer order's bound
-        report |= {"start_bytes": start_bytes, "weights_peak_bytes": torch.cuda.max_memory_allocated(dev)}
+    if dev.type == "cuda":  # beyond the old shard, at the transform's peak: measured, and as plan priced it
+        report |= {"extra_bytes": torch.cuda.max_memory_allocated(dev) - base_bytes,
+                   "predicted_extra_bytes": transform_extra(plan, geo, me, round_bytes)}
     kv = kv_shape = None
     if new_shard is not None:
         kv_shape = worker.kv_shape_for(new_shard, block_size)

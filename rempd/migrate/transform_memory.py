@@ -2,6 +2,8 @@
 new shards side by side) or in layer order (migrate/layer_steps.py). Plan checks both. Pure: no torch."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rempd.migrate.layer_steps import Step, free_steps, piece_unit, step_of_units
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.shards import ModelGeometry, shard_of
@@ -62,3 +64,10 @@ def transform_extra(plan: SwitchPlan, geo: ModelGeometry, me: int, round_bytes: 
         return in_place_bytes(plan, geo, me, plan.layer_steps, round_bytes)
     shard = shard_of(geo.cfg, plan.new, me)
     return transform_bytes(plan, me, geo.weight_bytes(shard) if shard else 0, round_bytes)
+
+
+def headrooms(plan: SwitchPlan, geo: ModelGeometry, me: int, round_bytes: int, room: int) -> tuple[int, int]:
+    """What a worker with `room` bytes beyond its old shard has left at the transform's peak (negative: short),
+    in plain order and in the plan's layer order."""
+    plain = replace(plan, layer_steps=None)
+    return room - transform_extra(plain, geo, me, round_bytes), room - transform_extra(plan, geo, me, round_bytes)

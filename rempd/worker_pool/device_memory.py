@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import torch
 
 from rempd.engine.kv_cache import kv_budget_bytes
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.shards import shard_of
-from rempd.migrate.transform_memory import transform_extra
+from rempd.migrate.transform_memory import headrooms, transform_extra
 from rempd.topology import Placement
 
 RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL's own needs
-# tests only: each CPU worker counts as a device of this many bytes, so that plan's memory checks run on CPU
+# tests only: each CPU worker counts as a device with this many bytes for weights and a switch's transfers (its
+# KV pool apart, sized by kv_cache_memory), so that plan's memory checks run on CPU
 CPU_DEVICE_BYTES_ENV = "REMP_CPU_DEVICE_BYTES"
 
 
@@ -28,10 +28,9 @@ def checks_memory(worker) -> bool:
 
 def spare_bytes(worker) -> int:
     """Device memory a worker can still take: free, plus what its allocator caches unused, less the reserve. A CPU
-    worker under the test budget: the budget less what it holds."""
+    worker under the test budget: the budget less its weights."""
     if worker.device.type != "cuda":
-        held = worker.info()
-        return cpu_device_bytes() - held["weight_bytes"] - held["kv_bytes"]
+        return cpu_device_bytes() - worker.info()["weight_bytes"]
     free, _ = torch.cuda.mem_get_info(worker.device)
     cached = torch.cuda.memory_reserved(worker.device) - torch.cuda.memory_allocated(worker.device)
     return free + cached - RESERVE_BYTES
@@ -70,6 +69,7 @@ def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> tuple[int,
     if not checks_memory(worker):
         return None
     me, geo = worker.setup.index, worker.geometry
-    room = spare_bytes(worker) + (0 if worker.kv is None else worker.kv.numel() * worker.kv.element_size())
-    plain = replace(plan, layer_steps=None)
-    return room - transform_extra(plain, geo, me, round_bytes), room - transform_extra(plan, geo, me, round_bytes)
+    room = spare_bytes(worker)
+    if worker.device.type == "cuda" and worker.kv is not None:
+        room += worker.kv.numel() * worker.kv.element_size()
+    return headrooms(plan, geo, me, round_bytes, room)
