@@ -41,8 +41,8 @@ class InPlaceBuild:
         self.targets: dict[int, torch.Tensor] = {}  # peer piece index → its rows in a new tensor
         self.local: list[tuple[torch.Tensor, torch.Tensor]] = []  # (target, source) copies of the step
         self.done = 0  # steps run
-        # what this worker allocated and freed, in order: ("build", unit, bytes) for each new tensor, ("free", unit,
-        # bytes, released) for each old allocation dropped, released telling that nothing else kept it alive
+        # what this worker allocated and freed, in order: ("build", step, unit, bytes) for each new tensor, ("free",
+        # step, unit, bytes, released) for each old allocation dropped, released: nothing else kept it alive
         self.log: list[tuple] = []
 
     def old_view(self, piece: WeightPiece) -> torch.Tensor:
@@ -53,7 +53,7 @@ class InPlaceBuild:
         """WeightSource calls this before it allocates the new tensor that starts with `name`."""
         unit = unit_of(name, self.new_is_first, self.plan.num_layers)
         self.reach(self.step_of[unit])
-        self.log.append(("build", unit, nbytes))
+        self.log.append(("build", self.step_of[unit], unit, nbytes))
 
     def fill(self, name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
         for i, piece in self.mine[name]:
@@ -113,4 +113,4 @@ class InPlaceBuild:
         del view, base  # the loop's names: the last tensor would outlive the step
         if self.worker.device.type == "cuda":
             torch.cuda.empty_cache()  # waits for this step's copies and transfers, then returns the old blocks
-        self.log += [("free", unit, nbytes, ref() is None) for unit, nbytes, ref in bases]
+        self.log += [("free", k, unit, nbytes, ref() is None) for unit, nbytes, ref in bases]

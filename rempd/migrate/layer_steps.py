@@ -54,15 +54,16 @@ def old_allocations(plan: SwitchPlan, geo: ModelGeometry) -> dict[tuple[int, str
 
 
 def build_order(plan: SwitchPlan, geo: ModelGeometry) -> list[int]:
-    """Every unit once, greedily: next the unit after whose build the fullest worker is lowest, then the one
-    after whose frees it is, then the one that leaves loads most even; ties to the lower unit."""
+    """Every unit once, greedily: next the unit after whose build no worker is far above the larger of its old
+    and new shards, then the one after whose frees none is, then the one that leaves loads most even; ties to
+    the lower unit."""
     workers = sorted(set(plan.old.workers) | set(plan.new.workers))
     column = {w: j for j, w in enumerate(workers)}
     units = plan.num_layers + 2
     built, freed = np.zeros((units, len(workers)), np.int64), np.zeros((units, len(workers)), np.int64)
     for piece in plan.weights:
         built[piece_unit(plan, piece), column[piece.dst]] += piece.nbytes
-    held = np.zeros(len(workers), np.int64)
+    held, new = np.zeros(len(workers), np.int64), built.sum(0)
     shared = {}  # allocations read by several units (a tied embedding): freed once the last of them is built
     for (worker, name), (nbytes, units_reading) in old_allocations(plan, geo).items():
         if units_reading:
@@ -71,13 +72,14 @@ def build_order(plan: SwitchPlan, geo: ModelGeometry) -> list[int]:
             freed[next(iter(units_reading)), column[worker]] += nbytes
         elif units_reading:
             shared[(column[worker], name)] = (nbytes, set(units_reading))
+    bound = np.maximum(held, new)  # each worker's least possible peak: the larger of its two shards
     left, order = list(range(units)), []
     while left:
         after_build = held + built[left]
         after_free = after_build - freed[left]
-        # a tie on the fullest worker goes to the unit that frees the fuller of the rest
+        # a tie on the worst worker goes to the unit that frees the fuller of the rest
         spread = (after_free.astype(np.float64) ** 2).sum(1)
-        pick = np.lexsort((left, spread, after_free.max(1), after_build.max(1)))[0]
+        pick = np.lexsort((left, spread, (after_free - bound).max(1), (after_build - bound).max(1)))[0]
         unit = left.pop(pick)
         order.append(unit)
         held += built[unit] - freed[unit]
