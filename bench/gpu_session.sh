@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
 # Writes logs and JSON under $OUT. Usage:
-#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|staged|workload|soak ...
+#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|staged|workload|soak ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -15,7 +15,8 @@ git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 for step in "$@"; do
     case "$step" in
     tests)
-        timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider \
+            ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
     inplace)  # layer-ordered switches on 4 GPUs: memory below old + new, as plan priced, tokens exact (~1-2 min)
         timeout 300 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider -k layer_ordered 2>&1 \
             | tee "$OUT/gpu_inplace.log" ;;
@@ -25,7 +26,7 @@ for step in "$@"; do
             --out "$CK" 2>&1 | tail -3
         df -h /tmp | tail -1 ;;
     matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape; IN_PLACE=always|never
-        timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+        timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
             ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             ${IN_PLACE:+--in-place "$IN_PLACE"} \
@@ -33,16 +34,20 @@ for step in "$@"; do
     decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate()
         timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --out "$OUT/decode_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
+    decode_profile)  # where a decode step's time goes on one GPU, batch 1 and 64: ~1.5 min with the checkpoint
+        SHAPE=${SHAPE:-llama2-7b}
+        timeout "${LIMIT:-180}" python3 bench/decode_profile.py --shape "$SHAPE" --devices "${DEVICE:-0}" \
+            --checkpoints /tmp/remp-checkpoints --out "$OUT/decode_profile_$SHAPE.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run
-        timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+        timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1}" \
             --out "$OUT/staged_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -30 ;;
     soak)  # 200 random switches under streaming load; ~1 s a switch on 4 H100s, plus start-up: about 6 minutes
-        timeout "${LIMIT:-420}" python3 bench/soak.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+        timeout "${LIMIT:-420}" python3 bench/soak.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --switches "${SWITCHES:-200}" --requests 32 --concurrency 16 --short-tokens 16 --long-tokens 128 \
             --out "$OUT/soak_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -60 ;;
     restart)
-        timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices 0,1,2,3 \
+        timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;
     workload)  # fixed TP4PP1, TP2PP2, TP1PP4 vs auto over one day-shaped schedule (issue #6); about 8 minutes

@@ -9,6 +9,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from rempd.policy.window import percentile
 
 DAY = "low:0.15,rising:0.15-1.0,peak:1.0,falling:1.0-0.15"  # phase:relative rate (a-b ramps), like figure 1
 
@@ -121,21 +122,14 @@ async def replay(url: str, model: str, phases: list[Phase], prompt: Lengths, out
     return records
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def summarize(records: list[Record], phases: list[Phase], slo_ttft: float, slo_itl: float) -> dict:
     def stats(rs: list[Record], seconds: float) -> dict:
         ok = [r for r in rs if r.error is None]
         ttft, itl = [r.ttft for r in ok], [r.itl for r in ok]
         met = sum(1 for r in ok if r.ttft <= slo_ttft and r.itl <= slo_itl)
         return {"requests": len(rs), "failed": len(rs) - len(ok),
-                "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
-                "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99),
+                "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+                "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99),
                 "output_tokens_per_s": sum(r.output_tokens for r in ok) / seconds,
                 "slo_attainment": met / len(rs) if rs else None}
     total = phases[-1].start + phases[-1].seconds

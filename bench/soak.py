@@ -13,114 +13,21 @@ import argparse
 import asyncio
 import json
 import random
-import socket
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import ensure_checkpoint  # noqa: E402
+from daemon_control import control, free_port, parse, start_daemon, switch  # noqa: E402
 from load import wait_healthy  # noqa: E402
-from switch_matrix import control, parse, start_daemon, switch  # noqa: E402
+from memory_growth import DEVICE_TOLERANCE, RSS_TOLERANCE, SHM_TOLERANCE, growth, memory_sample  # noqa: E402
+from soak_load import Request, complete, make_client, workload  # noqa: E402
 
 CANDIDATES = ["TP1PP1", "TP2PP1", "TP1PP2", "TP4PP1", "TP2PP2", "TP1PP4"]
-# Growth allowed between the first and last third of the memory samples, all taken at the start topology:
-# the allocator may keep a few freed blocks and the OS page cache moves RSS by a few MiB; a leak of one KV pool
-# or one shard per switch would be tens of MiB (tiny CPU model) to GBs (7B on GPU) over 30-200 switches.
-RSS_TOLERANCE = (0.05, 48 << 20)  # (share, bytes): the larger applies
-DEVICE_TOLERANCE = (0.02, 256 << 20)
-SHM_TOLERANCE = (0.0, 0)  # the weight store is one fixed-size segment: any growth is a leak
-
-
-@dataclass
-class Request:
-    index: int
-    prompt: str
-    max_tokens: int
-    seed: int | None  # None: greedy
-
-    @property
-    def temperature(self) -> float:
-        return 0.0 if self.seed is None else 0.8
-
-
-def workload(count: int, short: int, long: int, seed: int = 0) -> list[Request]:
-    rng = random.Random(seed)
-    words = "the quick brown fox jumps over a lazy dog while rivers run to the sea".split()
-    requests = []
-    for i in range(count):
-        length = rng.choice([2, 8, 40])  # prompt words: short, medium, long (prefill chunks and several blocks)
-        prompt = f"Request {i}: " + " ".join(rng.choice(words) for _ in range(length))
-        requests.append(Request(i, prompt, rng.choice([short, long]), None if i % 2 == 0 else 1000 + i))
-    return requests
-
-
-async def complete(client, model: str, request: Request) -> str:
-    """One streamed completion through the official openai client, or through httpx where the openai package
-    is not installed (the GPU machines carry only the wheels they need); both parse the same SSE."""
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens,
-            "temperature": request.temperature, "stream": True, "ignore_eos": True}
-    if request.seed is not None:
-        body["seed"] = request.seed
-    text, reason = [], None
-    if isinstance(client, httpx.AsyncClient):
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-            async for line in response.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RuntimeError(f"error event: {event['error']}")
-                    text.append(event["choices"][0]["text"])
-                    reason = event["choices"][0]["finish_reason"] or reason
-    else:
-        extra = {k: body[k] for k in ("ignore_eos", "seed") if k in body}
-        stream = await client.completions.create(model=model, prompt=request.prompt, max_tokens=request.max_tokens,
-                                                 temperature=request.temperature, stream=True, extra_body=extra)
-        async for event in stream:
-            text.append(event.choices[0].text)
-            reason = event.choices[0].finish_reason or reason
-    if reason != "length":
-        raise RuntimeError(f"request {request.index} ended with {reason!r}")
-    return "".join(text)
-
-
-def make_client(url: str, concurrency: int):
-    try:
-        from openai import AsyncOpenAI
-    except ImportError:
-        return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4))
-    return AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-
-
-def memory_sample(pid: int, devices: list[int]) -> dict:
-    daemon = psutil.Process(pid)
-    procs = [daemon, *daemon.children(recursive=True)]
-    rss = sum(p.memory_info().rss for p in procs if p.is_running())
-    shm = sum(f.stat().st_size for f in Path("/dev/shm").glob(f"remp-*-{pid}-*"))
-    sample = {"t": time.time(), "rss": rss, "shm": shm, "processes": len(procs)}
-    if devices:
-        import pynvml
-
-        pynvml.nvmlInit()
-        sample["device"] = sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(d)).used
-                               for d in devices)
-    return sample
-
-
-def growth(samples: list[dict], key: str, tolerance: tuple[float, int]) -> dict:
-    third = max(1, len(samples) // 3)
-    first = statistics.median(s[key] for s in samples[:third])
-    last = statistics.median(s[key] for s in samples[-third:])
-    allowed = max(tolerance[0] * first, tolerance[1])
-    return {"first": first, "last": last, "growth": last - first, "allowed": allowed, "ok": last - first <= allowed}
 
 
 async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> dict:
@@ -206,12 +113,6 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
             "preempted": sum(r.get("requests_preempted") or 0 for r in reports),
             "switches_with_live_requests": sum(1 for r in reports if r.get("requests_live")),
             "errors": errors[:10], "switch_errors": [r for r in reports if r["state"] != "committed"][:5]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def main() -> int:

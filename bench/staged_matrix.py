@@ -23,19 +23,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import add_matrix_args, ensure_checkpoint  # noqa: E402
 from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
-from switch_matrix import control, parse, start_daemon  # noqa: E402
+from daemon_control import control, start_daemon, switch  # noqa: E402
 
 TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1"]
-
-
-def switch(ctl: httpx.Client, topology: str, mode: str) -> dict:
-    tp, pp = parse(topology)
-    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, "mode": mode})
-    if response.status_code >= 400:
-        return {"state": "refused", "error": response.json().get("error", {}).get("message")}
-    while (report := ctl.get(f"/v1/switches/{response.json()['id']}").json())["state"] == "running":
-        time.sleep(0.005)
-    return report
+POLL_S = 0.005  # how often a switch is polled: when it is seen to end bounds the window measured around it
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -67,11 +58,14 @@ async def under_load(base: str, model: str, ctl: httpx.Client, target: str | Non
         start = time.perf_counter()
         probe_tasks = [asyncio.create_task(stream_completion(http, base, model, p.prompt, 8, stream=p))
                        for p in probes]
-        report = await asyncio.to_thread(switch, ctl, target, mode) if target else {}
+        report = await asyncio.to_thread(switch, ctl, target, mode, POLL_S) if target else {}
         end = time.perf_counter()
         streams = await asyncio.gather(*tasks, *probe_tasks)
-    report = {k: report.get(k) for k in ("state", "mode", "mode_reason", "error", "phases", "total_seconds",
-                                         "cut_seconds", "staging_seconds", "serving_pause_s", "kv_blocks_precopied",
+    if "id" in report:  # again: the daemon closes its serving pause at the first token after the cut
+        report = ctl.get(f"/v1/switches/{report['id']}").json()
+    report = {k: report.get(k) for k in ("state", "mode", "mode_reason", "error", "phases", "transform_detail",
+                                         "total_seconds", "cut_seconds", "staging_seconds", "serving_pause_s",
+                                         "requests_live", "kv_pool_kept", "kv_blocks_precopied",
                                          "kv_blocks_delta", "requests_preempted")} if target else {}
     staging = report.get("staging_seconds")
     window = (start, start + staging) if staging else (start, end)
@@ -92,7 +86,7 @@ async def run(model: Path, args) -> dict:
             results["startup_s"] = await wait_healthy(base, 1800)
             ctl = control(sock)
             for src in topologies:
-                if switch(ctl, src, "stop_the_world").get("state") not in ("committed", None):
+                if switch(ctl, src, "stop_the_world", POLL_S).get("state") not in ("committed", None):
                     continue
                 results["baselines"][src] = await under_load(base, args.shape, ctl, None, "", args)
                 for dst in topologies:
@@ -100,14 +94,16 @@ async def run(model: Path, args) -> dict:
                         continue
                     cell = {"source": src, "target": dst}
                     for mode in ("staged", "stop_the_world"):
-                        switch(ctl, src, "stop_the_world")
+                        switch(ctl, src, "stop_the_world", POLL_S)
                         cell[mode] = await under_load(base, args.shape, ctl, dst, mode, args)
                     results["cells"].append(cell)
                     s, w = cell["staged"], cell["stop_the_world"]
-                    print(f"{src:>7} → {dst:<7} staged[{s.get('mode')}] pause {s['client_pause_s']:.3f} cut "
-                          f"{s.get('cut_seconds')} total {s.get('total_seconds')} | stop-the-world pause "
-                          f"{w['client_pause_s']:.3f} total {w.get('total_seconds')} | ITL p50 staging "
-                          f"{s['while_switching']['itl_p50_s']} vs none {results['baselines'][src]['while_switching']['itl_p50_s']}"
+                    none = results["baselines"][src]["while_switching"]
+                    print(f"{src:>7} → {dst:<7} staged[{s.get('mode')}] server pause {s.get('serving_pause_s')} "
+                          f"(client {s['client_pause_s']:.3f}) cut {s.get('cut_seconds')} total "
+                          f"{s.get('total_seconds')} | stop-the-world server pause {w.get('serving_pause_s')} total "
+                          f"{w.get('total_seconds')} | ITL p50/mean while staging {s['while_switching']['itl_p50_s']}"
+                          f"/{s['while_switching']['itl_mean_s']} vs none {none['itl_p50_s']}/{none['itl_mean_s']}"
                           f" {s.get('mode_reason') or ''}", flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:

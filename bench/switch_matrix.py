@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,40 +18,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import add_matrix_args, ensure_checkpoint  # noqa: E402
+from daemon_control import control, parse, start_daemon, switch  # noqa: E402
 from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
 
 TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1", "TP1PP2", "TP2PP1"]
-
-
-def parse(name: str) -> tuple[int, int]:
-    tp, pp = name.upper().removeprefix("TP").split("PP")
-    return int(tp), int(pp)
-
-
-def start_daemon(model: Path, devices: str, topology: str, port: int, socket_path: str, extra: list[str],
-                 log_path: Path) -> subprocess.Popen:
-    tp, pp = parse(topology)
-    flags = ["--devices", devices] if devices != "cpu" else ["--cpu-workers", "4"]
-    cmd = [sys.executable, "-m", "rempd", "serve", "--model", str(model), *flags, "--tp", str(tp), "--pp", str(pp),
-           "--port", str(port), "--socket", socket_path, *extra]
-    return subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
-
-
-def control(socket_path: str) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://rempd", timeout=600)
-
-
-def switch(ctl: httpx.Client, topology: str) -> dict:
-    tp, pp = parse(topology)
-    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, "mode": "stop_the_world"})
-    if response.status_code >= 400:
-        return {"state": "refused", "error": response.json().get("error", {}).get("message")}
-    switch_id = response.json()["id"]
-    while True:
-        report = ctl.get(f"/v1/switches/{switch_id}").json()
-        if report["state"] != "running":
-            return report
-        time.sleep(0.02)
 
 
 async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, clients: int,

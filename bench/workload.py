@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from daemon_control import control, parse
 from replay import DAY, Lengths, replay, schedule, summarize
 
 
@@ -29,7 +30,7 @@ class Control:
     """rempd's control socket: the topology, the policy mode, and the switch history."""
 
     def __init__(self, socket_path: str):
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://rempd", timeout=600)
+        self.http = control(socket_path)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         response = self.http.request(method, path, json=body)
@@ -57,8 +58,8 @@ class Control:
     def switch(self, name: str) -> None:
         if self.topology() == name:
             return
-        tp, pp = name.upper().removeprefix("TP").split("PP")
-        report = self.call("POST", "/v1/switch", {"tp": int(tp), "pp": int(pp)})
+        tp, pp = parse(name)
+        report = self.call("POST", "/v1/switch", {"tp": tp, "pp": pp})
         while report["state"] == "running":
             time.sleep(0.05)
             report = self.call("GET", f"/v1/switches/{report['id']}")

@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from replay import Lengths, Phase, pct, replay
+from rempd.policy.window import percentile
+from replay import Lengths, Phase, replay
 
 
 def run_aiperf(args, artifacts: Path) -> dict:
@@ -45,8 +46,8 @@ def crosscheck(args) -> dict:
     fixed_prompt, fixed_output = Lengths(args.prompt_tokens, 0.0), Lengths(args.output_tokens, 0.0)
     records = asyncio.run(replay(args.url, args.model, phases, fixed_prompt, fixed_output, args.seed, args.api_key))
     ok = [r.ttft for r in records if r.error is None]
-    ours = {"requests": len(records), "errors": len(records) - len(ok), "ttft_p50": pct(ok, 0.5),
-            "ttft_p99": pct(ok, 0.99), "ttft_avg": sum(ok) / len(ok) if ok else None}
+    ours = {"requests": len(records), "errors": len(records) - len(ok), "ttft_p50": percentile(ok, 0.5),
+            "ttft_p99": percentile(ok, 0.99), "ttft_avg": sum(ok) / len(ok) if ok else None}
     with tempfile.TemporaryDirectory() as tmp:
         theirs = run_aiperf(args, Path(tmp))
     result = {"rate": args.rate, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,

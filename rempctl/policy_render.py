@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rempctl.render import seconds
+
 ACTION_STYLE = {"switch": "yellow", "hold": "cyan", "stay": "green"}
 
 
@@ -19,8 +21,8 @@ def print_policy(answer: dict, console: Console) -> None:
     obs = answer.get("observation")
     if obs:
         console.print(f"  window     {obs['arrival_rate']:.2f} req/s in, {obs['completion_rate']:.2f} out, "
-                      f"queue {obs['queue_len']:.1f}, KV {obs['kv_usage']:.0%}, TTFT p90 {_s(obs.get('ttft_p90'))}, "
-                      f"ITL p90 {_s(obs.get('itl_p90'))}")
+                      f"queue {obs['queue_len']:.1f}, KV {obs['kv_usage']:.0%}, TTFT p90 {seconds(obs.get('ttft_p90'))}, "
+                      f"ITL p90 {seconds(obs.get('itl_p90'))}")
     decision = answer.get("decision")
     if decision:
         console.print(f"  now        {decision['current']} at load {decision['load']:.2f} req/s")
@@ -68,7 +70,7 @@ def print_sweep(answer: dict, console: Console) -> None:
         if "error" in measured:
             table.add_row(name, "-", f"[red]{escape(measured['error'])}[/red]")
             continue
-        points = "; ".join(f"{p['rate']:.2f}: {_s(p['ttft'])} / {_s(p['itl'])}" for p in measured["points"])
+        points = "; ".join(f"{p['rate']:.2f}: {seconds(p['ttft'])} / {seconds(p['itl'])}" for p in measured["points"])
         table.add_row(name, f"{measured['ceiling']:.2f}", points)
     console.print(table)
     if answer.get("profile_path"):
@@ -85,12 +87,6 @@ def status_line(policy: Any) -> str:
         target = f" → {d.target}" if d.target else ""
         line += f"\n  decision   {d.action} {d.current}{target}: {escape(d.reason)}"
     return line
-
-
-def _s(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
 def _n(value: float | None) -> str:

@@ -79,9 +79,9 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"rempd: {exc}", err=True)
         raise typer.Exit(2) from None
-    from rempd import daemon  # uvicorn, fastapi and (later) torch: only once the flags are good
+    from rempd import console, daemon  # uvicorn, fastapi and (later) torch: only once the flags are good
 
-    daemon.configure_logging()
+    console.configure_logging()
     if path is not None:
         daemon.log.info("configuration from %s", path)
     raise typer.Exit(daemon.run(daemon_config))

@@ -7,116 +7,24 @@ typo cannot silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from rempd.config_values import (boolean, group_name, optional, parse_devices, parse_size, positive, strict,
+                                  topology_names)
 from rempd.engine.config import EngineConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/remp/rempd.toml")
 DEFAULT_SOCKET = "/run/remp/rempd.sock"
 DEFAULT_STATE_DIR = "/var/lib/remp"  # systemd's StateDirectory=remp
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
     """A configuration the daemon cannot start with; the message names the source and the key."""
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string such as "64MiB", "2G", "1.5GB" (K/M/G/T alone are binary)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", value, re.IGNORECASE)
-        if not match:
-            raise ValueError(f"{value!r} is not a size (examples: 67108864, 64MiB, 2G, 1.5GB)")
-        number, unit, binary, byte = match.groups()
-        power = "KMGT".find(unit.upper()) + 1 if unit else 0
-        base = 1000 if unit and byte and not binary else 1024
-        size = int(float(number) * base ** power)
-    else:
-        raise ValueError(f"{value!r} is not a size")
-    if size < 0:
-        raise ValueError(f"a size cannot be negative: {value!r}")
-    return size
-
-
-def parse_devices(value: Any) -> list[int]:
-    """CUDA device ids from a list or from "0,1,2,3"; "" is none (CPU workers)."""
-    if isinstance(value, str):
-        items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ValueError(f"{value!r} is not a device list (example: 0,1,2,3)")
-    try:
-        devices = [int(v) for v in items if not isinstance(v, (bool, float))]
-    except ValueError:
-        raise ValueError(f"{value!r} is not a device list (example: 0,1,2,3)") from None
-    if len(devices) != len(items) or any(d < 0 for d in devices):
-        raise ValueError(f"{value!r}: device ids are non-negative integers")
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"{value!r} names a device twice")
-    return devices
-
-
-def _strict(kind: type) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and kind is not str:
-            try:
-                return kind(value)
-            except ValueError:
-                raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"expected {kind.__name__}, got {value!r}")
-        return value
-    return parse
-
-
-def _group(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return str(value)  # a gid
-    if isinstance(value, str) and value:
-        return value
-    raise ValueError(f"{value!r} is not a group name or gid")
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    raise ValueError(f"{value!r} is not true or false")
-
-
-def _topologies(value: Any) -> list[str]:
-    """"TP4PP1,TP2PP2" or a list of such names → normalised names."""
-    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{value!r} is not a list of topologies such as TP4PP1,TP2PP2")
-    names = []
-    for item in items:
-        match = re.fullmatch(r"TP(\d+)PP(\d+)", str(item).strip().upper())
-        if not match or int(match[1]) < 1 or int(match[2]) < 1:
-            raise ValueError(f"{item!r} is not a topology such as TP2PP2")
-        names.append(f"TP{int(match[1])}PP{int(match[2])}")
-    return names
-
-
-def _positive(value: Any) -> float:
-    number = _strict(float)(value)
-    if not number > 0:
-        raise ValueError(f"{value!r} must be greater than 0")
-    return number
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: None if value is None else parse(value)
 
 
 def _opt(default: Any, parse: Callable[[Any], Any], help: str, repr: bool = True) -> Any:
@@ -125,54 +33,58 @@ def _opt(default: Any, parse: Callable[[Any], Any], help: str, repr: bool = True
 
 @dataclass
 class DaemonConfig:
-    model: str | None = _opt(None, _optional(_strict(str)), "model directory (Hugging Face layout)")
+    model: str | None = _opt(None, optional(strict(str)), "model directory (Hugging Face layout)")
     devices: list[int] = field(default_factory=list, metadata={
         "parse": parse_devices, "help": "CUDA device ids the daemon owns, e.g. 0,1,2,3"})
-    cpu_workers: int = _opt(0, _strict(int), "number of CPU workers when no --devices are given")
-    tp: int = _opt(1, _strict(int), "tensor-parallel degree at start")
-    pp: int = _opt(1, _strict(int), "pipeline-parallel degree at start")
-    dtype: str | None = _opt(None, _optional(_strict(str)),
+    cpu_workers: int = _opt(0, strict(int), "number of CPU workers when no --devices are given")
+    tp: int = _opt(1, strict(int), "tensor-parallel degree at start")
+    pp: int = _opt(1, strict(int), "pipeline-parallel degree at start")
+    dtype: str | None = _opt(None, optional(strict(str)),
                              "float32, float16 or bfloat16; the checkpoint's own if unset")
-    host: str = _opt("127.0.0.1", _strict(str), "address of the OpenAI-compatible API")
-    port: int = _opt(8000, _strict(int), "port of the OpenAI-compatible API (0 picks a free one)")
-    socket: str = _opt(DEFAULT_SOCKET, _strict(str), "path of the control socket")
-    socket_group: str | None = _opt(None, _optional(_group), "group (name or gid) allowed on the control socket")
-    api_key: str | None = _opt(None, _optional(_strict(str)), "require 'Authorization: Bearer KEY' on /v1",
+    host: str = _opt("127.0.0.1", strict(str), "address of the OpenAI-compatible API")
+    port: int = _opt(8000, strict(int), "port of the OpenAI-compatible API (0 picks a free one)")
+    socket: str = _opt(DEFAULT_SOCKET, strict(str), "path of the control socket")
+    socket_group: str | None = _opt(None, optional(group_name), "group (name or gid) allowed on the control socket")
+    api_key: str | None = _opt(None, optional(strict(str)), "require 'Authorization: Bearer KEY' on /v1",
                                repr=False)  # kept out of logs
-    served_model_name: str | None = _opt(None, _optional(_strict(str)),
+    served_model_name: str | None = _opt(None, optional(strict(str)),
                                          "model id in the API; the model directory's name if unset")
-    kv_cache_memory: int = _opt(64 << 20, parse_size, "KV pool per CPU worker, e.g. 64MiB")
-    gpu_memory_utilization: float = _opt(0.9, _strict(float), "share of each GPU's memory rempd may use")
-    max_num_seqs: int = _opt(64, _strict(int), "most requests in one batch")
-    max_num_batched_tokens: int = _opt(1024, _strict(int), "token budget of one step")
-    max_model_len: int | None = _opt(None, _optional(_strict(int)), "context length; the model's own if unset")
-    block_size: int = _opt(16, _strict(int), "tokens per KV block")
-    switch_round_bytes: int = _opt(1 << 30, parse_size, "a switch moves weights between devices in rounds of "
-                                   "this size: smaller needs less memory beside the old and new shards")
-    switch_in_place: str = _opt("auto", _strict(str), "build a switch's new shards layer by layer, freeing old layers "
-                                "as they go: auto (when old and new shards do not fit side by side), always, never")
-    switch_mode: str = _opt("stop_the_world", _strict(str), "how a switch runs unless its request says: "
+    kv_cache_memory: int = _opt(EngineConfig.kv_cache_memory, parse_size, "KV pool per CPU worker, e.g. 64MiB")
+    gpu_memory_utilization: float = _opt(EngineConfig.gpu_memory_utilization, strict(float),
+                                         "share of each GPU's memory rempd may use")
+    max_num_seqs: int = _opt(EngineConfig.max_num_seqs, strict(int), "most requests in one batch")
+    max_num_batched_tokens: int = _opt(EngineConfig.max_num_batched_tokens, strict(int), "token budget of one step")
+    max_model_len: int | None = _opt(None, optional(strict(int)), "context length; the model's own if unset")
+    block_size: int = _opt(EngineConfig.block_size, strict(int), "tokens per KV block")
+    switch_round_bytes: int = _opt(EngineConfig.switch_round_bytes, parse_size, "a switch moves weights between "
+                                   "devices in rounds of this size: smaller needs less memory beside the old and "
+                                   "new shards")
+    switch_in_place: str = _opt(EngineConfig.switch_in_place, strict(str), "build a switch's new shards layer by "
+                                "layer, freeing old layers as they go: auto (when old and new shards do not fit side "
+                                "by side), always, never")
+    switch_mode: str = _opt(EngineConfig.switch_mode, strict(str), "how a switch runs unless its request says: "
                             "stop_the_world, or staged (the old topology serves while the new one is prepared; "
                             "stop-the-world if it cannot fit)")
-    staging_memory: int | None = _opt(None, _optional(parse_size), "memory per worker a staged switch may use "
+    staging_memory: int | None = _opt(None, optional(parse_size), "memory per worker a staged switch may use "
                                       "(0: never stage); free device memory on GPUs, the KV budget on CPU if unset")
-    staging_chunk_bytes: int | None = _opt(None, _optional(parse_size), "most bytes a worker moves between two "
+    staging_chunk_bytes: int | None = _opt(None, optional(parse_size), "most bytes a worker moves between two "
                                            "steps while staging; 256MiB on GPUs, 64KiB on CPU if unset")
-    drain_timeout: float = _opt(30.0, _strict(float), "seconds running requests may take to finish on SIGTERM")
-    state_dir: str = _opt(DEFAULT_STATE_DIR, _strict(str), "where rempd keeps state (profiles/ per model and devices)")
-    policy: str = _opt("manual", _strict(str), "topology policy at start: manual, or auto (needs profiles)")
-    slo_ttft: float = _opt(1.0, _positive, "policy objective: p90 time to first token, seconds")
-    slo_itl: float = _opt(0.1, _positive, "policy objective: p90 inter-token latency, seconds")
-    policy_window: float = _opt(30.0, _positive, "seconds of observations the policy looks at")
-    policy_dwell: float = _opt(60.0, _positive, "least seconds between two switches the policy starts")
-    policy_interval: float = _opt(1.0, _positive, "seconds between two policy decisions")
-    policy_hysteresis: float = _opt(0.1, _strict(float), "gain (in SLO units) a switch must bring beyond its cost")
-    policy_topologies: list[str] | None = _opt(None, _optional(_topologies),
+    drain_timeout: float = _opt(30.0, strict(float), "seconds running requests may take to finish on SIGTERM")
+    state_dir: str = _opt(DEFAULT_STATE_DIR, strict(str), "where rempd keeps state (profiles/ per model and devices)")
+    policy: str = _opt("manual", strict(str), "topology policy at start: manual, or auto (needs profiles)")
+    slo_ttft: float = _opt(1.0, positive, "policy objective: p90 time to first token, seconds")
+    slo_itl: float = _opt(0.1, positive, "policy objective: p90 inter-token latency, seconds")
+    policy_window: float = _opt(30.0, positive, "seconds of observations the policy looks at")
+    policy_dwell: float = _opt(60.0, positive, "least seconds between two switches the policy starts")
+    policy_interval: float = _opt(1.0, positive, "seconds between two policy decisions")
+    policy_hysteresis: float = _opt(0.1, strict(float), "gain (in SLO units) a switch must bring beyond its cost")
+    policy_topologies: list[str] | None = _opt(None, optional(topology_names),
                                                "topologies the policy may choose, e.g. TP4PP1,TP1PP4; all if unset")
-    policy_learn: bool = _opt(True, _bool, "refine profiles from what is observed while serving")
-    worker_timeout: float = _opt(60.0, _strict(float), "seconds a worker may take to answer before it is "
-                                 "taken for hung and every worker is restarted")
-    max_request_bytes: int = _opt(1 << 20, parse_size, "largest request body the serving API reads, e.g. 1MiB")
+    policy_learn: bool = _opt(True, boolean, "refine profiles from what is observed while serving")
+    worker_timeout: float = _opt(EngineConfig.worker_timeout, strict(float), "seconds a worker may take to answer "
+                                 "before it is taken for hung and every worker is restarted")
+    max_request_bytes: int = _opt(DEFAULT_MAX_REQUEST_BYTES, parse_size,
+                                  "largest request body the serving API reads, e.g. 1MiB")
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from typing import Any, Awaitable, Callable
 
 import uvicorn
@@ -24,6 +23,7 @@ from rempd.api.metrics import Metrics
 from rempd.api.serving import create_serving_app
 from rempd.api.unix_socket import PeerPolicy, SocketError, bind_control_socket, peer_checked_protocol
 from rempd.config import DaemonConfig
+from rempd.console import StartupProgress
 from rempd.engine.config import EngineConfig
 
 log = logging.getLogger("rempd")
@@ -114,7 +114,7 @@ class Daemon:
     async def start_engine(self) -> Any | None:
         # A daemon killed with -9 (or OOM-killed) leaves its weight store in /dev/shm, holding RAM until
         # reboot; its workers died with it (PDEATHSIG), so any segment whose owner is dead is garbage.
-        from rempd.shm_store.store import reclaim_stale_segments
+        from rempd.shm_store.segments import reclaim_stale_segments
 
         for name in reclaim_stale_segments():
             log.info("removed the stale weight store /dev/shm/%s of a dead rempd", name)
@@ -234,56 +234,6 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-class StartupProgress:
-    """Progress of the long start-up steps: a rich bar on a terminal, STATUS= under systemd, else log lines.
-
-    Called from the thread that builds the engine; rich's Progress and sd_notify are both safe there."""
-
-    def __init__(self, life: Lifecycle):
-        self.life = life
-        self.last: tuple[str, int] = ("", -100)
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> "StartupProgress":
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("starting", total=1.0)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def __call__(self, message: str, fraction: float) -> None:
-        fraction = min(max(fraction, 0.0), 1.0)
-        self.life.progress = f"{message} ({fraction:.0%})"
-        if self.bar is not None:
-            self.bar.update(self.task, description=message, completed=fraction)
-        percent = int(fraction * 100)
-        if message != self.last[0] or percent >= self.last[1] + 10:  # one line per step or per 10 %
-            if self.bar is None:
-                log.info("%s", self.life.progress)
-            systemd.status(self.life.progress)
-            self.last = (message, percent)
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))  # rich prints time and level itself
-    else:  # journald stamps the time itself
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def run(config: DaemonConfig, engine_factory: EngineFactory = create_engine) -> int:

@@ -1,9 +1,8 @@
 """Topology (tp × pp), its placement on devices, and the rules that make one valid. No torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 import itertools
-from itertools import permutations
+from dataclasses import dataclass
 
 
 class TopologyError(ValueError):
@@ -21,6 +20,12 @@ class Topology:
 
     def __str__(self) -> str:
         return f"TP{self.tp}PP{self.pp}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Topology":
+        """"TP2PP2" (any case) → Topology(2, 2); ValueError for anything else."""
+        tp, pp = name.upper().removeprefix("TP").split("PP")
+        return cls(int(tp), int(pp))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def valid_topologies(num_devices: int, num_heads: int, num_kv_heads: int, num_la
 
 
 def all_placements(topology: Topology, num_devices: int) -> list[Placement]:
-    return [Placement(topology, p) for p in permutations(range(num_devices), topology.size)]
+    return [Placement(topology, p) for p in itertools.permutations(range(num_devices), topology.size)]
 
 
 def group_member_sets(topologies: list[Topology], num_devices: int, limit: int = 32) -> list[tuple[int, ...]]:

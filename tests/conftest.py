@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,6 @@ class RunningDaemon:
     def __init__(self, model: Path, tmp: Path, tp: int = 1, pp: int = 1, workers: int = 4,
                  extra: list[str] | None = None, env: dict[str, str] | None = None):
         import socket
-        import subprocess
-        import sys
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -59,6 +59,11 @@ class RunningDaemon:
         import httpx
 
         return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://rempd", timeout=120)
+
+    def rempctl(self, *args: str) -> subprocess.CompletedProcess:
+        """`rempctl ARGS` against this daemon, run as an operator would; wide, or rich wraps tables at 80 columns."""
+        return subprocess.run([sys.executable, "-m", "rempctl", *args, "--socket", self.socket], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "220"}, check=False)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -1,4 +1,4 @@
-"""Helpers for the fault tests: a real daemon's status, health, metrics, children and shared memory."""
+"""Helpers for the tests of a real daemon: its status, health, metrics and switches, its children and shared memory."""
 from __future__ import annotations
 
 import re
@@ -16,14 +16,23 @@ def client(daemon, key: str = "none") -> OpenAI:
     return OpenAI(base_url=f"{daemon.base_url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def greedy(daemon, prompt: str, max_tokens: int) -> str:
-    return client(daemon).completions.create(model=daemon.model_name, prompt=prompt, max_tokens=max_tokens,
+def greedy(daemon, prompt: str, max_tokens: int, key: str = "none") -> str:
+    return client(daemon, key).completions.create(model=daemon.model_name, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0, extra_body={"ignore_eos": True}).choices[0].text
 
 
 def status(daemon) -> dict:
     with daemon.control() as ctl:
         return ctl.get("/v1/status").json()
+
+
+def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
+    """POST /v1/switch (it must be accepted) and wait for the switch to end; its final report."""
+    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, **extra})
+    assert response.status_code == 202, response.text
+    while (report := ctl.get(f"/v1/switches/{response.json()['id']}").json())["state"] == "running":
+        time.sleep(0.01)
+    return report
 
 
 def health(daemon) -> int | None:

@@ -1,7 +1,7 @@
 """Schemathesis over both APIs' OpenAPI schemas, in process: no 5xx, and every answer fits the schema.
 
-For now the serving API runs on a stand-in engine that answers every request with one token; the
-end-to-end suite points the same checks at the real engine.
+The serving API runs on a stand-in engine that answers every request with one token (tests/test_daemon_e2e.py
+sends bad input to the real engine). Of the control API only /v1/status is fuzzed here.
 """
 import os
 
@@ -58,7 +58,7 @@ serving_app = create_serving_app(StandInEngine(), model_name="tiny", model_root=
 serving = schemathesis.openapi.from_asgi("/openapi.json", serving_app)
 
 control_app = create_control_app(Lifecycle(state="serving", engine=StandInEngine(), model_name="tiny"))
-# plan and switch need a real engine: the switch tests fuzz them
+# plan and switch need a real engine: tests/test_switch_live.py and tests/test_rempctl_switch.py call them
 control = schemathesis.openapi.from_asgi("/openapi.json", control_app).include(path="/v1/status")
 
 

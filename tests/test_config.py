@@ -5,7 +5,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rempd import __main__ as cli
-from rempd.config import ConfigError, DaemonConfig, find_config_file, parse_devices, parse_size
+from rempd.config import ConfigError, DaemonConfig, find_config_file
+from rempd.config_values import parse_devices, parse_size
 
 BASE = {"model": "/models/tiny", "cpu_workers": 2}
 NOWHERE = Path("/nonexistent/rempd.toml")  # so that a real /etc/remp/rempd.toml never leaks into a test
@@ -116,10 +117,10 @@ def test_api_key_stays_out_of_the_repr():
 @pytest.fixture
 def started(monkeypatch):
     """`rempd serve` up to the point where the daemon would start; the config it would start with."""
-    from rempd import daemon
+    from rempd import console, daemon
 
     seen = []
-    monkeypatch.setattr(daemon, "configure_logging", lambda: None)
+    monkeypatch.setattr(console, "configure_logging", lambda: None)
     monkeypatch.setattr(daemon, "run", lambda config: seen.append(config) or 0)
     monkeypatch.setattr(cli, "find_config_file", lambda explicit: find_config_file(explicit, default=NOWHERE))
     return seen

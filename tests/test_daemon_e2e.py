@@ -16,8 +16,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+import fault_tools
 from conftest import RunningDaemon
-from fault_tools import gone, health, stream_in_background, wait_for
+from fault_tools import gone, health, status, stream_in_background, wait_for
 
 KEY = "secret"
 TP2PP2 = {"tp": 2, "pp": 2}
@@ -32,20 +33,12 @@ def daemon(checkpoints, tmp_path_factory):
     running.stop()
 
 
-def client(daemon: RunningDaemon, key: str = KEY, **kwargs) -> OpenAI:
-    # max_retries=0: the openai client retries a 503 on its own, which would hide what the daemon answered
-    return OpenAI(base_url=f"{daemon.base_url}/v1", api_key=key, max_retries=0, timeout=60, **kwargs)
+def client(daemon: RunningDaemon, key: str = KEY) -> OpenAI:
+    return fault_tools.client(daemon, key)
 
 
 def greedy(daemon: RunningDaemon, prompt: str, max_tokens: int, key: str = KEY) -> str:
-    return client(daemon, key).completions.create(
-        model=daemon.model_name, prompt=prompt, max_tokens=max_tokens, temperature=0,
-        extra_body={"ignore_eos": True}).choices[0].text
-
-
-def status(daemon: RunningDaemon) -> dict:
-    with daemon.control() as ctl:
-        return ctl.get("/v1/status").json()
+    return fault_tools.greedy(daemon, prompt, max_tokens, key)
 
 
 def worker_pids(daemon: RunningDaemon) -> list[int]:

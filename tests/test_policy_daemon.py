@@ -73,19 +73,13 @@ def test_auto_mode_switches_up_with_the_load_and_back_down(checkpoints, start_da
 
 def test_rempctl_policy_and_profile_against_a_daemon(checkpoints, start_daemon, tmp_path):
     """`rempctl profile` measures and stores profiles; `policy auto|manual|show` set and show the policy."""
-    import subprocess
-
     model = checkpoints["tiny-llama"]
     daemon = start_daemon(model, tp=2, pp=1, extra=["--state-dir", str(tmp_path / "state")])
 
-    def rempctl(*args):
-        return subprocess.run([sys.executable, "-m", "rempctl", *args, "--socket", daemon.socket],
-                              capture_output=True, text=True, timeout=120)
-
-    refused = rempctl("policy", "auto")
+    refused = daemon.rempctl("policy", "auto")
     assert refused.returncode == 1 and "no profiles yet" in refused.stderr
-    done = rempctl("profile", "--topologies", "TP2PP1,TP1PP2", "--concurrency", "1,2", "--requests", "4",
-                   "--prompt-tokens", "8", "--output-tokens", "4", "--json")
+    done = daemon.rempctl("profile", "--topologies", "TP2PP1,TP1PP2", "--concurrency", "1,2", "--requests", "4",
+                          "--prompt-tokens", "8", "--output-tokens", "4", "--json")
     assert done.returncode == 0, done.stderr
     sweep = json.loads(done.stdout)
     assert sweep["state"] == "done" and set(sweep["measured"]) == {"TP2PP1", "TP1PP2"}
@@ -96,8 +90,8 @@ def test_rempctl_policy_and_profile_against_a_daemon(checkpoints, start_daemon, 
     with daemon.control() as ctl:
         assert ctl.get("/v1/status").json()["topology"] == {"tp": 2, "pp": 1}  # back where it started
 
-    shown = rempctl("policy", "auto", "--slo-ttft", "2.5", "--slo-itl", "0.4")
+    shown = daemon.rempctl("policy", "auto", "--slo-ttft", "2.5", "--slo-itl", "0.4")
     assert shown.returncode == 0 and "policy auto" in shown.stdout and "TTFT p90 ≤ 2.5 s" in shown.stdout
-    assert rempctl("policy", "manual").returncode == 0
-    status = rempctl("status")
+    assert daemon.rempctl("policy", "manual").returncode == 0
+    status = daemon.rempctl("status")
     assert "policy     manual, TTFT p90 ≤ 2.5 s, ITL p90 ≤ 0.4 s" in status.stdout, status.stdout

@@ -33,6 +33,13 @@ def test_client_and_daemon_agree_on_the_default_socket():
     assert DEFAULT_SOCKET == DAEMON_DEFAULT_SOCKET
 
 
+def test_client_and_daemon_agree_on_the_phases_of_a_switch():
+    # copies, not imports: rempctl loads nothing of rempd but the protocol
+    from rempd.migrate import report
+
+    assert (render.PHASES, render.STAGED_PHASES) == (report.PHASES, report.STAGED_PHASES)
+
+
 def serving_status():
     workers = [WorkerStatus(i, f"cuda:{i}", 1000 + i, "active", i // 2, i % 2, 3 * GIB, 512, 40 * GIB, 80 * GIB, 87.0)
                for i in range(4)]

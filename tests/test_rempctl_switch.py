@@ -1,8 +1,5 @@
 """rempctl plan / switch / switches against a real rempd (4 gloo workers on tiny-llama), run as an operator would."""
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,11 +15,6 @@ WIDE = {"COLUMNS": "200"}  # rich wraps tables at 80 columns when stdout is not 
 @pytest.fixture(scope="module")
 def daemon(faulty_daemon):
     return faulty_daemon
-
-
-def rempctl(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rempctl", *args, "--socket", daemon.socket],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, **WIDE}, check=False)
 
 
 def topology(daemon) -> dict:
@@ -44,7 +36,7 @@ def wait_done(daemon, switch_id: str) -> dict:
 
 def test_plan_prints_placement_and_predictions_and_changes_nothing(daemon):
     before, switches = topology(daemon), len(history(daemon))
-    result = rempctl(daemon, "plan", "--tp", "2", "--pp", "2")
+    result = daemon.rempctl("plan", "--tp", "2", "--pp", "2")
     assert result.returncode == 0, result.stderr
     for expected in ["TP2PP2", "placement", "→", "bytes by source", "weights", "KV cache", "stay", "peer", "host",
                      "predicted", "total", *PHASES]:
@@ -53,7 +45,7 @@ def test_plan_prints_placement_and_predictions_and_changes_nothing(daemon):
 
 
 def test_plan_json_is_the_daemons_plan(daemon):
-    result = rempctl(daemon, "plan", "--tp", "4", "--pp", "1", "--placement", "3,2,1,0", "--json")
+    result = daemon.rempctl("plan", "--tp", "4", "--pp", "1", "--placement", "3,2,1,0", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert (plan["tp"], plan["pp"], plan["placement"]) == (4, 1, [3, 2, 1, 0])
@@ -66,22 +58,22 @@ def test_plan_json_is_the_daemons_plan(daemon):
                                             (4, 2, "more than the 4 devices")])
 def test_an_invalid_target_exits_1_with_the_reason(daemon, command, tp, pp, reason):
     before, switches = topology(daemon), len(history(daemon))
-    result = rempctl(daemon, command, "--tp", str(tp), "--pp", str(pp))
+    result = daemon.rempctl(command, "--tp", str(tp), "--pp", str(pp))
     assert result.returncode == 1 and reason in result.stderr and "refused" in result.stderr
     assert topology(daemon) == before and len(history(daemon)) == switches
 
 
 def test_switch_commits_and_status_shows_the_new_topology(daemon):
-    result = rempctl(daemon, "switch", "--tp", "2", "--pp", "2")
+    result = daemon.rempctl("switch", "--tp", "2", "--pp", "2")
     assert result.returncode == 0, result.stderr
     assert "committed" in result.stdout and "measured" in result.stdout and "KV blocks migrated" in result.stdout
     assert topology(daemon) == {"tp": 2, "pp": 2}
-    status = rempctl(daemon, "status")
+    status = daemon.rempctl("status")
     assert status.returncode == 0 and "TP2·PP2" in status.stdout
 
 
 def test_switch_json_is_the_final_report(daemon):
-    result = rempctl(daemon, "switch", "--tp", "4", "--pp", "1", "--placement", "1,0,3,2", "--stop-the-world", "--json")
+    result = daemon.rempctl("switch", "--tp", "4", "--pp", "1", "--placement", "1,0,3,2", "--stop-the-world", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # nothing but the JSON on stdout: no progress lines
     assert report["state"] == "committed" and report["placement"] == [1, 0, 3, 2]
@@ -91,15 +83,15 @@ def test_switch_json_is_the_final_report(daemon):
 
 def test_dry_run_prints_the_plan_and_changes_nothing(daemon):
     before, switches = topology(daemon), len(history(daemon))
-    table = rempctl(daemon, "switch", "--tp", "1", "--pp", "4", "--dry-run")
-    as_json = rempctl(daemon, "switch", "--tp", "1", "--pp", "4", "--dry-run", "--json")
+    table = daemon.rempctl("switch", "--tp", "1", "--pp", "4", "--dry-run")
+    as_json = daemon.rempctl("switch", "--tp", "1", "--pp", "4", "--dry-run", "--json")
     assert table.returncode == 0 and "predicted" in table.stdout and "TP1PP4" in table.stdout
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["pp"] == 4
     assert topology(daemon) == before and len(history(daemon)) == switches
 
 
 def test_no_wait_prints_the_id_and_the_switch_goes_on(daemon):
-    result = rempctl(daemon, "switch", "--tp", "1", "--pp", "2", "--no-wait")
+    result = daemon.rempctl("switch", "--tp", "1", "--pp", "2", "--no-wait")
     assert result.returncode == 0, result.stderr
     assert wait_done(daemon, result.stdout.strip())["state"] == "committed"
 
@@ -108,7 +100,7 @@ def test_a_switch_during_a_switch_exits_1_naming_it(daemon):
     with daemon.control() as ctl:
         first = ctl.post("/v1/switch", json={"tp": 2, "pp": 1, "fault": {"phase": "transform", "kind": "delay"}})
     assert first.status_code == 202
-    result = rempctl(daemon, "switch", "--tp", "1", "--pp", "1")
+    result = daemon.rempctl("switch", "--tp", "1", "--pp", "1")
     assert result.returncode == 1 and first.json()["id"] in result.stderr and "in progress" in result.stderr
     wait_done(daemon, first.json()["id"])
 
@@ -144,12 +136,12 @@ def test_a_rolled_back_switch_exits_1_with_its_error(daemon, monkeypatch):
 
 
 def test_switches_lists_the_history(daemon):
-    result = rempctl(daemon, "switches", "--json")
+    result = daemon.rempctl("switches", "--json")
     assert result.returncode == 0, result.stderr
     reports = json.loads(result.stdout)
     assert [r["id"] for r in reports] == [r["id"] for r in history(daemon)] and len(reports) >= 5
     assert {r["state"] for r in reports} == {"committed", "rolled_back"}
-    table = rempctl(daemon, "switches")
+    table = daemon.rempctl("switches")
     assert table.returncode == 0
     for expected in [reports[0]["id"], reports[-1]["id"], "committed", "rolled_back", "TP2PP2", *PHASES]:
         assert expected in table.stdout, expected

@@ -27,3 +27,10 @@ def test_top_k_and_top_p_restrict_the_support():
     assert picked_k == {0, 1}
     picked_p = {sample(logits, [spec(top_p=0.3, seed=s)])[0] for s in range(200)}
     assert picked_p == {0}
+
+
+def test_greedy_rows_travel_without_a_spec():
+    logits = torch.randn(3, 50)
+    mixed = [None, spec(seed=5), None]
+    assert sample(logits, mixed) == sample(logits, [spec(0.0), spec(seed=5), spec(0.0)])
+    assert sample(logits, mixed)[0] == int(logits[0].argmax())

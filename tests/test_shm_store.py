@@ -17,7 +17,7 @@ from rempd.shm_store import (Manifest, StoreError, StoreNotFoundError, WeightSto
                              load_into_store, new_segment_name, reclaim_stale_segments)
 from rempd.shm_store.loader import copy_transposed
 from rempd.shm_store.manifest import SegmentHeader
-from rempd.shm_store.store import shm_path
+from rempd.shm_store.segments import shm_path
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Linux /dev/shm")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from soak import RSS_TOLERANCE, SHM_TOLERANCE, growth  # noqa: E402
+from memory_growth import RSS_TOLERANCE, SHM_TOLERANCE, growth  # noqa: E402
 
 
 def test_thirty_switches_under_load_lose_nothing_and_leak_nothing(checkpoints, tmp_path):

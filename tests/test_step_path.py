@@ -56,3 +56,11 @@ def test_channel_ring_wraps_and_large_steps_go_inline():
     finally:
         reader.close()
         driver.close()
+
+
+def test_pack_of_ragged_block_tables():
+    step = StepInput([1, 2, 3], [40, 5, 20], [640, 85, 340], [1, 1, 1], [41, 6, 21], [[4, 7, 9], [5], [2, 8]],
+                     [0, 1, 2], [None] * 3)
+    layout = StepLayout(tokens=4, samples=4, seqs=4, max_blocks=4)
+    meta = layout.unpack(torch.from_numpy(layout.pack(step)), 1)[3]
+    assert meta.block_tables.tolist() == [[4, 7, 9, 0], [5, 0, 0, 0], [2, 8, 0, 0], [0, 0, 0, 0]]

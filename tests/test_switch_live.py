@@ -7,6 +7,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+import fault_tools
+
 
 TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
 PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i % 3 + 1) for i in range(8)]
@@ -28,12 +30,7 @@ def reference(daemon):
 
 def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
     # this module covers the stop-the-world transaction (the default); tests/test_switch_staged.py the staged one
-    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, "mode": "stop_the_world", **extra})
-    assert response.status_code == 202, response.text
-    switch_id = response.json()["id"]
-    while (report := ctl.get(f"/v1/switches/{switch_id}").json())["state"] == "running":
-        time.sleep(0.01)
-    return report
+    return fault_tools.switch(ctl, tp, pp, **{"mode": "stop_the_world", **extra})
 
 
 async def stream_through_switches(daemon, targets: list[dict], prompts: list[str] = PROMPTS,

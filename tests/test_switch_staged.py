@@ -7,6 +7,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from fault_tools import switch
+
 TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
 PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i % 3 + 1) for i in range(8)]
 MAX_TOKENS = 320  # long enough that every stream lives through five switches
@@ -42,14 +44,6 @@ def reference(daemon):
     async def every() -> list[str]:
         return list(await asyncio.gather(*map(one, PROMPTS)))
     return asyncio.run(every())
-
-
-def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
-    response = ctl.post("/v1/switch", json={"tp": tp, "pp": pp, **extra})
-    assert response.status_code == 202, response.text
-    while (report := ctl.get(f"/v1/switches/{response.json()['id']}").json())["state"] == "running":
-        time.sleep(0.01)
-    return report
 
 
 async def stream_through(daemon, targets: list[tuple[int, int]], mode: str = "staged", prompts: list[str] = PROMPTS,
@@ -103,24 +97,15 @@ def test_every_ordered_pair_staged_keeps_streams_token_identical(daemon, referen
 
 def test_rempctl_metrics_and_history_show_the_pause_apart_from_the_total(daemon):
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "COLUMNS": "220"}
-
-    def rempctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "rempctl", *args, "--socket", daemon.socket], env=env,
-                              capture_output=True, text=True, timeout=120, check=False)
-
-    staged = json.loads(rempctl("switch", "--tp", "2", "--pp", "2", "--staged", "--json").stdout)
+    staged = json.loads(daemon.rempctl("switch", "--tp", "2", "--pp", "2", "--staged", "--json").stdout)
     assert (staged["state"], staged["mode"]) == ("committed", "staged")
     assert list(staged["phases"]) == ["plan", "groups", "stage", "quiesce", "delta", "commit", "resume"]  # idle
-    stopped = rempctl("switch", "--tp", "4", "--pp", "1")  # rempd's default: stop-the-world
+    stopped = daemon.rempctl("switch", "--tp", "4", "--pp", "1")  # rempd's default: stop-the-world
     assert stopped.returncode == 0 and "mode stop-the-world" in stopped.stdout and "serving pause" in stopped.stdout
-    shown = rempctl("switch", "--tp", "1", "--pp", "2", "--staged")
+    shown = daemon.rempctl("switch", "--tp", "1", "--pp", "2", "--staged")
     assert shown.returncode == 0 and "mode staged" in shown.stdout and "(cut " in shown.stdout, shown.stdout
-    table = rempctl("switches")
+    table = daemon.rempctl("switches")
     for expected in ("mode", "pause", "cut", "staged", "stop"):
         assert expected in table.stdout, expected
     metrics = httpx.get(f"{daemon.base_url}/metrics").text

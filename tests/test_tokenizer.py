@@ -9,7 +9,7 @@ import pytest
 import tokenizers
 
 from rempd.model.config import CheckpointError
-from rempd.model.make_checkpoint import BOS_ID, CHAT_TEMPLATE, EOS_ID, make_checkpoint
+from rempd.model.make_checkpoint import BOS_ID, EOS_ID, make_checkpoint
 from rempd.model.tokenizer import Tokenizer
 
 TEXTS = ["Hello, world!", "  leading and trailing spaces  ", "tabs\tand\nnewlines\n\n",

@@ -44,3 +44,12 @@ def test_placement_coordinates():
     assert placement.tp_group(1) == (0, 2) and placement.output_worker == 0
     with pytest.raises(TopologyError):
         Placement(Topology(2, 2), (0, 0, 1, 2))
+
+
+def test_parse_reads_what_str_writes_and_refuses_other_names():
+    for topology in (Topology(1, 1), Topology(2, 2), Topology(4, 1), Topology(1, 12)):
+        assert Topology.parse(str(topology)) == topology
+    assert Topology.parse("tp2pp1") == Topology(2, 1)
+    for bad in ("TP2", "2x2", "TPaPP1", "TP2PP2PP1", ""):
+        with pytest.raises(ValueError):
+            Topology.parse(bad)

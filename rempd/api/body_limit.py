@@ -7,8 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from rempd.api.errors import error_response
-
-DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+from rempd.config import DEFAULT_MAX_REQUEST_BYTES
 
 
 class LimitBody:

@@ -1,4 +1,5 @@
-"""The control API (served on the Unix socket): GET /v1/status now; plan and switch join it later.
+"""The control API (served on the Unix socket): GET /v1/status here; the switch routes (switching.py) and the
+policy and profile routes (policy_routes.py) join it.
 
 The daemon gathers everything rempctl shows, device memory and utilisation included, so that
 rempctl stays a thin renderer with no NVML or psutil of its own.

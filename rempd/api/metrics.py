@@ -7,6 +7,7 @@ through a small hand-written text renderer otherwise; both print the same famili
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class Metrics:
 
     def record_switch(self, duration_s: float, result: str = "ok", cut_s: float | None = None,
                       mode: str = "stop_the_world") -> None:
-        """result: "ok", "rolled_back" or "failed"; cut_s: seconds the engine did not step (the serving pause a
+        """result: "ok", "rolled_back", "refused" or "failed"; cut_s: seconds the engine did not step (the serving pause a
         committed switch caused), by the mode it ran in."""
         self.switches[result] = self.switches.get(result, 0) + 1
         self.switch_duration.observe(duration_s)
@@ -139,9 +140,7 @@ class Metrics:
 
     def render(self, engine: EngineView | None) -> bytes:
         families = list(self.families(engine))
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("prometheus_client") is None:
             return render_text(families).encode()
         return render_prometheus_client(families)
 

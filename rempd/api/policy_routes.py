@@ -66,8 +66,7 @@ def add_policy_routes(app: FastAPI, runner_of: Callable[[], Any]) -> None:
             names = []
             for raw in request.topologies:
                 try:
-                    tp, pp = raw.upper().removeprefix("TP").split("PP")
-                    name = str(Topology(int(tp), int(pp)))
+                    name = str(Topology.parse(raw))
                 except ValueError:
                     raise APIError(400, f"{raw!r} is not a topology such as TP2PP2", param="topologies") from None
                 if name not in valid:

@@ -1,19 +1,18 @@
 """The OpenAI-compatible serving API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
 from __future__ import annotations
 
-import json
-import secrets
 import time
 import uuid
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Protocol
 
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from rempd.api import openai_schema as schema
+from rempd.api.api_key import RequireApiKey
 from rempd.api.body_limit import DEFAULT_MAX_REQUEST_BYTES, LimitBody
-from rempd.api.errors import APIError, bad_request, documented, error_body, error_response, install_error_handlers, \
-    unavailable
+from rempd.api.errors import APIError, bad_request, documented, error_body, install_error_handlers, unavailable
+from rempd.api.event_stream import EventStream, sse
 from rempd.api.gate import Gate, Ticket
 from rempd.api.metrics import CONTENT_TYPE, Metrics, RequestTimer
 from rempd.engine.outputs import RequestOutput
@@ -59,43 +58,6 @@ def create_serving_app(engine: ServingEngine, *, model_name: str, model_root: st
 def _streamed(chunk_object: str) -> dict:
     return {"content": {"text/event-stream": {"schema": schema.sse_event_schema(chunk_object)}},
             "description": "JSON, or with stream=true server-sent events"}
-
-
-class RequireApiKey:
-    """ASGI middleware: /v1 needs `Authorization: Bearer <key>`, checked before the body is parsed."""
-
-    def __init__(self, app: Any, key: str):
-        self.app = app
-        self.expected = f"Bearer {key}".encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                          code="invalid_api_key")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class EventStream(StreamingResponse):
-    """An SSE response that releases its request however it ends, even if its body never started."""
-
-    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]):
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.cleanup = cleanup
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            await self.cleanup()
-
-
-def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 class ServingAPI:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rempd import systemd
 from rempd.api.errors import APIError, documented
-from rempd.engine.async_engine import SwitchInProgress
+from rempd.engine.switch_driver import SwitchInProgress
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import SwitchRefused
 from rempd.topology import Placement, Topology, TopologyError

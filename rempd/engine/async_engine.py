@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import queue
@@ -15,21 +16,13 @@ from rempd.engine.config import EngineConfig
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.sampling_params import SamplingParams
-from rempd.migrate.predict import plan_summary, pool_bytes
+from rempd.engine.switch_driver import SwitchDriver
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.shards import ModelGeometry
-from rempd.migrate.staging import StagedSwitch, StagingOptions
-from rempd.migrate.transaction import Fault, check_capacity, choose_pool, make_plan, new_groups
+from rempd.migrate.transaction import Fault
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 
 log = logging.getLogger("rempd.engine")
-
-
-class SwitchInProgress(RuntimeError):
-    def __init__(self, switch_id: str):
-        super().__init__(f"switch {switch_id} is in progress")
-        self.switch_id = switch_id
 
 
 class AsyncEngine:
@@ -44,8 +37,7 @@ class AsyncEngine:
         self.is_failed = False  # recovery itself failed: the daemon must exit
         self.stopping = threading.Event()
         self.ids = itertools.count()
-        # a staged switch in progress, advanced between steps, and the future its caller waits on
-        self.staging: tuple[StagedSwitch, concurrent.futures.Future] | None = None
+        self.switch_driver = SwitchDriver(engine, self._emit, self._recover)
         self.last_ping = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="remp-engine", daemon=True)
         self.thread.start()
@@ -89,14 +81,15 @@ class AsyncEngine:
             if not finished:
                 self.commands.put(("abort", request_id))
 
-    def _deliver(self, out: RequestOutput) -> None:
-        stream = self.streams.get(out.request_id)
-        if stream is not None:
-            stream.put_nowait(out)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self.loop.call_soon_threadsafe(self._deliver, out)
+        if outputs:  # one wake-up of the event loop per step, not one per request
+            self.loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _apply(self, command: tuple) -> None:
         kind, request_id, *args = command
@@ -131,88 +124,38 @@ class AsyncEngine:
 
     async def plan(self, target: Topology | Placement) -> dict:
         """A dry run: the placement, the bytes per source and the predicted phase times, or SwitchRefused."""
-        def run() -> dict:
-            engine = self.engine
-            plan = make_plan(engine, target)
-            num_blocks, kept = choose_pool(engine, plan, check_capacity(engine, plan))
-            geo = ModelGeometry(engine.model_config, engine.template.dtype)
-            fresh_pool = 0 if kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
-            buckets = len(set(engine.live_batch_sizes(plan.new.topology.pp)))
-            summary = plan_summary(plan, engine.links, new_groups(engine, plan), fresh_pool, buckets)
-            return summary | {"kv_pool_kept": kept}
-        return await self.on_engine_thread(run)
+        return await self.on_engine_thread(lambda: self.switch_driver.plan(target))
 
     def running_switch(self) -> SwitchReport | None:
-        current = self.engine.switches[-1] if self.engine.switches else None
-        return current if current is not None and not current.done else None
+        return self.switch_driver.running()
 
     def start_switch(self, target: Topology | Placement, fault: Fault | None = None,
                      mode: str | None = None) -> tuple[SwitchReport, asyncio.Future]:
         """Begin a switch, staged or stop-the-world (None: the engine's default); returns its report, updated
         live, and a future that resolves when it ends. Raises SwitchInProgress while another one runs."""
-        current = self.running_switch()
-        if current is not None:
-            raise SwitchInProgress(current.id)
-        report = SwitchReport(id=f"sw-{len(self.engine.switches) + 1}", source=str(self.engine.placement),
-                              target=str(target.topology if isinstance(target, Placement) else target))
-        self.engine.switches.append(report)
+        report = self.switch_driver.new_report(target)
         done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            engine = self.engine
-            if (mode or engine.config.switch_mode) == "stop_the_world":
-                begun = time.perf_counter()
-                self._emit(engine.switch(target, report, fault))
-                report.cut_seconds = time.perf_counter() - begun  # the engine stepped at no point of it
-                done.set_result(report)
-                return
-            options = StagingOptions(engine.config.staging_memory, engine.config.staging_chunk_bytes)
-            staged = StagedSwitch(engine, target, report, engine.links, options, fault)
-            self._emit(staged.begin())
-            if staged.finished:
-                done.set_result(report)
-            else:
-                self.staging = (staged, done)
 
         def failed_to_start(started: asyncio.Future) -> None:
             if not started.cancelled() and started.exception() is not None and not done.done():
                 done.set_exception(started.exception())
 
+        run = functools.partial(self.switch_driver.run, target, report, fault, mode, done)
         asyncio.ensure_future(self.on_engine_thread(run)).add_done_callback(failed_to_start)
         return report, asyncio.wrap_future(done)
-
-    def _advance_staging(self) -> None:
-        staged, done = self.staging
-        try:
-            self._emit(staged.advance())
-        except WorkerError as exc:  # the old topology failed a step
-            self.staging = None
-            log.error("worker failure while staging: %s", exc)
-            staged.abandon(f"worker failure while staging: {exc}".splitlines()[0])
-            done.set_result(staged.report)
-            self._recover()
-            return
-        except Exception as exc:  # noqa: BLE001 - failed after commit, or its rollback failed
-            self.staging = None
-            done.set_exception(exc)
-            self._recover()
-            return
-        if staged.finished:
-            self.staging = None
-            done.set_result(staged.report)
 
     def _run(self) -> None:
         engine = self.engine
         while not self.stopping.is_set():
             try:
-                timeout = None if engine.has_unfinished() or self.staging else 0.1
+                timeout = None if engine.has_unfinished() or self.switch_driver.staging else 0.1
                 while True:
                     self._apply(self.commands.get(block=timeout is not None, timeout=timeout))
                     timeout = None
             except queue.Empty:
                 pass
-            if self.staging is not None:
-                self._advance_staging()
+            if self.switch_driver.staging is not None:
+                self.switch_driver.advance()
             if not engine.has_unfinished():
                 # idle: nothing would touch a dead worker, so look for one (at most every 0.1 s)
                 dead = [i for i, alive in enumerate(engine.pool.alive()) if not alive]
@@ -240,11 +183,8 @@ class AsyncEngine:
         """Respawn the workers and rebuild the topology. Running requests keep what they streamed and recompute
         their KV on the rebuilt workers (the sampler gives the same tokens again); only if recovery fails do
         they end, with an error."""
-        if self.staging is not None:  # respawned workers hold nothing of what was staged
-            staged, done = self.staging
-            self.staging = None
-            staged.abandon("a worker failed while staging; the old topology was rebuilt")
-            done.set_result(staged.report)
+        # respawned workers hold nothing of what was staged
+        self.switch_driver.abandon("a worker failed while staging; the old topology was rebuilt")
         self.is_recovering = True
         try:
             self.engine.recover(reason)

@@ -34,7 +34,8 @@ class BlockManager:
         missing = self.missing_blocks(seq, num_tokens)
         if missing > self.num_free:
             raise RuntimeError(f"{seq.request_id}: needs {missing} blocks, {self.num_free} free")
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(missing))
+        if missing:
+            seq.block_table.extend(self.free_blocks.popleft() for _ in range(missing))
 
     def release(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)

@@ -8,7 +8,7 @@ import time
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import SwitchTransaction
-from rempd.topology import group_member_sets, valid_topologies
+from rempd.topology import group_member_sets, stage_layers, valid_topologies
 
 log = logging.getLogger("rempd.engine")
 
@@ -41,7 +41,6 @@ def measure_links(engine) -> LinkSpeeds:
     alloc = allocs[len(allocs) // 2] if allocs else 0.0
     steps = sorted(r["step"] for r in results if "step" in r)
     return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc,
-                      graph_seconds_per_layer=engine.graph_seconds_per_layer,
                       step_seconds=steps[len(steps) // 2] if steps else 0.0)
 
 
@@ -53,5 +52,10 @@ def calibrate(engine) -> None:
     if report.state != "committed":
         raise RuntimeError(f"the start-up calibration switch failed: {report.error}")
     engine.links.fixed_seconds = max(0.0, report.total_seconds - report.predicted["total"])
+    # the switch dropped the decode graphs: one bucket's capture, its kernels compiled by install's, prices a
+    # switch's (per layer of a stage); then every bucket again, ready for the first requests
+    layers = max(len(r) for r in stage_layers(engine.model_config.num_layers, engine.placement.topology.pp))
+    engine.links.graph_seconds_per_layer = engine.warm_up([1]) / layers
+    engine.warm_up()
     log.info("calibration switch: %.3f s, %.3f s of it fixed cost", report.total_seconds,
              engine.links.fixed_seconds)

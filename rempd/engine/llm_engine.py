@@ -19,13 +19,14 @@ from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
 from rempd.engine.step_input import StepInput
+from rempd.engine.step_log import StepLog
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
-from rempd.topology import Placement, Topology, check_topology, stage_layers
-from rempd.worker_pool.pool import WorkerPool
+from rempd.topology import Placement, Topology, check_topology
+from rempd.worker_pool.pool import WorkerError, WorkerPool
 from rempd.worker_pool.worker import WorkerSetup
 
 Progress = Callable[[str, float], None]
@@ -76,7 +77,9 @@ class LLMEngine:
         self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
-        self.host_steps, self.host_seconds = 0, 0.0  # driver time per step, without waiting on the workers
+        # per batch: begin (its scheduling began), sent, replied (its tokens are in), done (its outputs are made)
+        self.step_log = StepLog(("begin", "sent", "replied", "done"), ("seqs",))
+        self.send_failure: WorkerError | None = None  # sending the next batch failed; the next step raises it
         calibrate(self)
 
     def install(self, placement: Placement) -> None:
@@ -92,9 +95,7 @@ class LLMEngine:
             raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
         self.pool.call("allocate_kv", num_blocks)
         self.placement = placement
-        layers = max(len(r) for r in stage_layers(cfg.num_layers, placement.topology.pp))
-        # plan prices a switch's capture with it: per layer of the stage and per batch bucket captured
-        self.graph_seconds_per_layer = self.warm_up() / (layers * max(1, self.graph_buckets()))
+        self.warm_up()
         blocks = BlockManager(num_blocks, config.block_size)
         if not hasattr(self, "scheduler"):
             # the context length is fixed for the daemon's life; a switch must give every topology room for it
@@ -114,8 +115,9 @@ class LLMEngine:
         self.shard_infos = self.pool.call("info")
         return seconds
 
-    def graph_buckets(self) -> int:
-        return max((info.get("graph_buckets", 0) for info in self.shard_infos if info), default=0)
+    def capture_live_graphs(self) -> float:
+        """At a switch's commit: the graphs of the batch that runs next; the placement is the new one."""
+        return self.warm_up(self.live_batch_sizes(self.placement.topology.pp))
 
     def live_batch_sizes(self, pp: int) -> list[int]:
         """The decode batch sizes the running sequences make under `pp` stages: micro-batches of an even share
@@ -155,21 +157,12 @@ class LLMEngine:
             self.scheduler.finish(request.seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self.in_flight)  # a batch of finished requests may still be in flight
 
     def step(self) -> list[RequestOutput]:
-        start = time.perf_counter()
-        pp = self.placement.topology.pp
-        # under pp the running sequences split into pp micro-batches, so that every stage has work
-        share = -(-len(self.scheduler.running) // pp) if pp > 1 and self.scheduler.running else None
-        while len(self.in_flight) < pp:
-            batch = self.scheduler.schedule(share)
-            if batch is None:
-                break
-            self.pool.send_step(self.scheduler.step_input(batch), workers=self.active)
-            self.in_flight.append(batch)
-        self.host_seconds += time.perf_counter() - start
-        outputs = self.finish_oldest() if self.in_flight else []
+        self._raise_send_failure()
+        self._fill()
+        outputs = self.finish_oldest(refill=True) if self.in_flight else []
         if outputs:
             now = time.perf_counter()
             if self.pause_report is not None:  # the first tokens after a switch end its serving pause
@@ -178,18 +171,46 @@ class LLMEngine:
             self.last_output_at = now
         return outputs
 
-    def finish_oldest(self) -> list[RequestOutput]:
+    def _fill(self) -> None:
+        """Schedule and send batches until pp are in flight."""
+        pp = self.placement.topology.pp
+        # under pp the running sequences split into pp micro-batches, so that every stage has work
+        share = -(-len(self.scheduler.running) // pp) if pp > 1 and self.scheduler.running else None
+        while len(self.in_flight) < pp:
+            begin = time.perf_counter()
+            batch = self.scheduler.schedule(share)
+            if batch is None:
+                break
+            self.pool.send_step(self.scheduler.step_input(batch), workers=self.active)
+            batch.sent_stamps = (begin, time.perf_counter())
+            self.in_flight.append(batch)
+
+    def finish_oldest(self, refill: bool = False) -> list[RequestOutput]:
+        """Wait for the oldest batch's tokens and make its outputs. With `refill`, the next batches are scheduled
+        and sent first, as soon as these tokens are recorded: detokenizing and the caller's handling of the
+        outputs then run while the workers compute, instead of in series with them."""
         batch = self.in_flight.popleft()
         results = self.pool.collect(self.active)
-        start = time.perf_counter()
+        replied = time.perf_counter()
         tokens = results[self.active.index(self.placement.output_worker)] or []
-        outputs = [self._output(seq) for seq in self.scheduler.postprocess(batch, tokens)]
-        self.host_steps += 1
-        self.host_seconds += time.perf_counter() - start
+        updated = self.scheduler.postprocess(batch, tokens)
+        if refill:
+            try:
+                self._fill()
+            except WorkerError as exc:  # raised by the next step, once these tokens have reached their requests
+                self.send_failure = exc
+        outputs = [self._output(seq) for seq in updated]
+        self.step_log.add(*batch.sent_stamps, replied, time.perf_counter(), len(batch.seqs))
         return outputs
+
+    def _raise_send_failure(self) -> None:
+        if self.send_failure is not None:
+            failure, self.send_failure = self.send_failure, None
+            raise failure
 
     def quiesce(self) -> list[RequestOutput]:
         """Finish every micro-batch in flight; nothing new is scheduled until the caller steps again."""
+        self._raise_send_failure()
         outputs = []
         while self.in_flight:
             outputs += self.finish_oldest()
@@ -221,11 +242,12 @@ class LLMEngine:
                                          seq.num_output_tokens, error=message))
         self.requests.clear()
         self.in_flight.clear()
+        self.send_failure = None
         return outputs
 
     def score(self, prompt_token_ids: list[int]) -> torch.Tensor:
         """Logits at every prompt position, [tokens, vocab]: for checking the model against a reference."""
-        if self.requests:
+        if self.has_unfinished():
             raise RuntimeError("score() runs only on an idle engine")
         seq = Sequence("score", list(prompt_token_ids), SamplingParams(), seed=0)
         blocks = self.scheduler.blocks
@@ -280,7 +302,9 @@ class LLMEngine:
         return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
                 "workers": workers, "max_model_len": self.max_model_len,
                 "store": {"name": self.store.name, "bytes": self.store.nbytes},
-                "driver_host_ms_per_step": 1e3 * self.host_seconds / max(1, self.host_steps),
+                # from a batch's tokens to its outputs, the next batch's scheduling and sending included (see
+                # finish_oldest); a median of the recent steps, which a first step's compilation cannot skew
+                "driver_host_ms_per_step": self.step_log.median_ms(("replied", "done")),
                 "num_recoveries": self.num_recoveries, "lost_devices": list(self.device_slots.lost),
                 "last_recovery": self.recoveries[-1].to_dict() if self.recoveries else None}
 

@@ -114,6 +114,7 @@ def recover(engine, reason: str) -> RecoveryRecord:
     engine.recoveries.append(record)
     engine.pool.close(timeout=2.0)
     engine.in_flight.clear()
+    engine.send_failure = None  # the pool it failed on is gone
     engine.preempt_all()
     record.phases["close"] = time.perf_counter() - begin
     ensure_store(engine, record)

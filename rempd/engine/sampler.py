@@ -12,11 +12,11 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed * _MIX + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
-def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
-    """logits: [len(specs), vocab] float32."""
+def sample(logits: torch.Tensor, specs: list[SampleSpec | None]) -> list[int]:
+    """logits: [len(specs), vocab] float32. A None spec is greedy."""
     tokens = logits.argmax(dim=-1).tolist()
     for row, spec in enumerate(specs):
-        if spec.temperature == 0.0:
+        if spec is None or spec.temperature == 0.0:
             continue
         scores = logits[row] / spec.temperature
         if 0 < spec.top_k < scores.shape[0]:

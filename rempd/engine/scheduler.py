@@ -13,6 +13,7 @@ from rempd.engine.step_input import StepInput
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    sent_stamps: tuple[float, float] = (0.0, 0.0)  # perf_counter when the driver began scheduling it, and sent it
 
     def samplers(self) -> list[Sequence]:
         """Sequences whose step ends on their last token, so they get a new one."""
@@ -48,10 +49,11 @@ class Scheduler:
             if seq.in_flight or seq.status is not SequenceStatus.RUNNING:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.blocks.can_hold(seq, seq.num_computed + n) and self._preempt_youngest(batch, seq):
-                pass
             if not self.blocks.can_hold(seq, seq.num_computed + n):
-                continue  # blocks held by in-flight steps come back when those finish
+                while self._preempt_youngest(batch, seq) and not self.blocks.can_hold(seq, seq.num_computed + n):
+                    pass
+                if not self.blocks.can_hold(seq, seq.num_computed + n):
+                    continue  # blocks held by in-flight steps come back when those finish
             self._take(batch, seq, n)
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -96,13 +98,18 @@ class Scheduler:
         bs = self.blocks.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, end = seq.num_computed, seq.num_computed + n
-            step.token_ids += seq.token_ids[start:end]
-            step.positions += range(start, end)
-            step.slot_mapping += [self.blocks.slot(seq, p) for p in range(start, end)]
+            if n == 1:  # a decode; the general form below costs a slice, a range and a list per token
+                step.token_ids.append(seq.token_ids[start])
+                step.positions.append(start)
+                step.slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
+            else:
+                step.token_ids += seq.token_ids[start:end]
+                step.positions += range(start, end)
+                step.slot_mapping += [self.blocks.slot(seq, p) for p in range(start, end)]
             step.query_lens.append(n)
             step.context_lens.append(end)
             step.block_tables.append(seq.block_table[:-(-end // bs)])
-            if end == seq.num_tokens:
+            if end == len(seq.token_ids):
                 step.sample_indices.append(len(step.token_ids) - 1)
                 step.samples.append(seq.sample_spec())
         return step

@@ -53,6 +53,9 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def sample_spec(self) -> SampleSpec:
+    def sample_spec(self) -> SampleSpec | None:
+        """None for greedy decoding: the argmax needs no parameters, and None costs nothing to send."""
         p = self.params
+        if p.temperature == 0.0:
+            return None
         return SampleSpec(p.temperature, p.top_k, p.top_p, self.seed, self.num_output_tokens)

@@ -22,7 +22,7 @@ class StepInput:
     context_lens: list[int]
     block_tables: list[list[int]]
     sample_indices: list[int]  # rows of the step whose logits are sampled (the last token of a finished prefill or a decode)
-    samples: list[SampleSpec]
+    samples: list[SampleSpec | None]  # one per sampled row; None: greedy
 
     @property
     def num_tokens(self) -> int:

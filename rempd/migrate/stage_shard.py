@@ -15,13 +15,7 @@ import torch
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.reshard import PieceKey, ReshardTimes, pack_kv, post_round
 from rempd.migrate.shards import shard_of
-from rempd.worker_pool.device_memory import RESERVE_BYTES
-
-
-def prepare_fast_path(worker, stage) -> None:
-    """Hook for the engine-speed work (rempd/worker_pool/cuda_graphs.py): capture the new stage's decode graphs
-    here, while the old topology still serves. Graphs that bake in the KV pool's address must instead be
-    captured at the cut, or read the pool through a stable buffer."""
+from rempd.worker_pool.device_memory import spare_bytes
 
 
 class ShardStaging:
@@ -39,6 +33,7 @@ class ShardStaging:
                      for name, (a, b) in self.new_rows.items()}
         self.precopy: list[dict[int, torch.Tensor]] = []  # per chunk: KV piece index → [layers, 2, n, ...]
         self.stage = None
+        self.kv_view: torch.Tensor | None = None  # the kept pool in the new shape, as the staged graphs saw it
         self.times = ReshardTimes()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
@@ -133,7 +128,15 @@ class ShardStaging:
         source = WeightSource(fill, self._row_shape, worker.dtype, worker.device)
         self.stage = LlamaStage(worker.setup.model, shard.layers, shard.is_first, shard.is_last, tp, source,
                                 self.max_len, worker.device)
-        prepare_fast_path(worker, self.stage)
+
+    def graphs(self, num_blocks: int, max_batch: int, batch_sizes: list[int]) -> float:
+        """Capture the new stage's decode graphs over the pool memory the cut will keep, viewed in the new shape
+        now (the old stage keeps using it in the old shape until the cut). Seconds taken."""
+        shard, worker = self.new_shard, self.worker
+        if shard is None or self.stage is None or worker.kv_buffer is None:
+            return 0.0
+        self.kv_view = worker.kv_shape_for(shard, self.block_size).view(worker.kv_buffer, num_blocks)
+        return worker.capture_graphs(max_batch, batch_sizes, self.stage, self.kv_view)
 
     def pool_blocks(self) -> int:
         """Blocks of the target's shape that this worker's pool memory holds (0: it holds no pool or no shard)."""
@@ -163,7 +166,11 @@ class ShardStaging:
         if shard is not None:
             kv_shape = worker.kv_shape_for(shard, self.block_size)
             # the delta was packed out above and pre-copied blocks are held apart, so the kept bytes are free
-            kv = kv_shape.view(worker.kv_buffer, num_blocks) if keep_pool else worker.new_pool(kv_shape, num_blocks)
+            if keep_pool:  # the very view the staged graphs captured, when they did
+                same = self.kv_view is not None and self.kv_view.shape[2] == num_blocks
+                kv = self.kv_view if same else kv_shape.view(worker.kv_buffer, num_blocks)
+            else:
+                kv = worker.new_pool(kv_shape, num_blocks)
             heads = worker.geometry.kv_heads(shard)
 
             def put(i: int, data: torch.Tensor, new_ids: list[int]) -> None:
@@ -187,6 +194,7 @@ class ShardStaging:
 
     def abort(self) -> None:
         self.thread.join()
+        self.worker.runner.drop_graphs(staged=True)
         self.rows.clear()
         self.precopy.clear()
         self.stage = None
@@ -194,13 +202,11 @@ class ShardStaging:
 
 def stage_step(worker, op: str, *args) -> object:
     """The worker's entry point for every step of a staged switch (Worker.staged)."""
-    # bytes of device memory free for staging (None on CPU, where the driver's limit decides). Staging borrows the
-    # headroom gpu_memory_utilization leaves; giving back free KV blocks of the old pool is not done yet.
+    # bytes of device memory free for staging, counting the allocator's unused cache (None on CPU, where the
+    # driver's limit decides). Staging borrows the headroom gpu_memory_utilization leaves; giving back free KV
+    # blocks of the old pool is not done yet.
     if op == "room":
-        if worker.device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(worker.device)
-        return max(0, free - RESERVE_BYTES)
+        return max(0, spare_bytes(worker)) if worker.device.type == "cuda" else None
     if op == "begin":
         worker.staging = ShardStaging(worker, *args)
         return None
@@ -213,6 +219,8 @@ def stage_step(worker, op: str, *args) -> object:
         return staging.chunk(*args)
     if op == "build":
         return staging.build()
+    if op == "graphs":
+        return staging.graphs(*args)
     if op == "pool_blocks":
         return staging.pool_blocks()
     if op in ("cut", "abort"):

@@ -87,7 +87,8 @@ class StagedSwitch:
                 return self._stop_the_world(reason)
             engine.pool.call("staged", "begin", self.plan, engine.config.block_size, engine.max_model_len,
                              workers=self.involved)
-            self.tasks = deque([("groups",), *(("weights", c) for c in self._weight_chunks()), ("build",)])
+            self.tasks = deque([("groups",), *(("weights", c) for c in self._weight_chunks()), ("build",),
+                                ("graphs",)])
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
             self._finish()
@@ -189,7 +190,9 @@ class StagedSwitch:
             self._leave("groups", start)
             return
         start = self._enter("stage")
-        if kind == "weights":
+        if kind == "graphs":
+            self._capture_graphs()
+        elif kind == "weights":
             engine.pool.call("staged", "chunk", args[0], [], workers=self.involved)
         else:
             engine.pool.call("staged", "build", workers=self.involved)
@@ -230,15 +233,32 @@ class StagedSwitch:
         self._finish()
         return outputs
 
-    def _pool_at_cut(self) -> tuple[int, bool]:
-        """(blocks, kept): keep every new worker's pool memory, viewed in the new shape, when it holds nearly
-        what a fresh pool would; a fresh pool is smaller by the pre-copied blocks still held on the device."""
+    def _kept_pool(self) -> int:
+        """Blocks of the target's shape that every new worker's pool memory holds, if keeping it beats a fresh
+        pool (it holds nearly as much; a fresh pool is smaller by the pre-copied blocks still held apart); else 0."""
         engine = self.engine
         fresh = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)
         kept = min(engine.pool.call("staged", "pool_blocks", workers=list(self.plan.new.workers)))
-        if kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh):
+        enough = kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh)
+        return kept if enough else 0
+
+    def _pool_at_cut(self) -> tuple[int, bool]:
+        """(blocks, kept): the old pool's memory viewed in the new shape, or a fresh pool."""
+        kept = self._kept_pool()
+        if kept:
             return kept, True
-        return fresh, False
+        return self.capacity - (self.ledger.num_copied if self.is_cuda else 0), False
+
+    def _capture_graphs(self) -> None:
+        """Decode graphs of the new stages over the pool they will keep, captured now while the old topology
+        serves, so that the cut does not wait for them (only for a bucket the live batch moved to since)."""
+        engine = self.engine
+        kept = self._kept_pool() if self.is_cuda and engine.config.cuda_graphs else 0
+        if kept:
+            sizes = engine.live_batch_sizes(self.plan.new.topology.pp)
+            seconds = engine.pool.call("staged", "graphs", kept, engine.config.max_num_seqs, sizes,
+                                       workers=list(self.plan.new.workers))
+            self.report.transform_detail["graph_precapture"] = max(seconds)
 
     def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
         engine = self.engine
@@ -248,7 +268,8 @@ class StagedSwitch:
         blocks.free_blocks = deque(range(sum(len(t) for t in layout.new_tables), num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = self.plan.new
-        self.report.transform_detail["graph_capture"] = engine.warm_up(engine.live_batch_sizes(engine.placement.topology.pp))  # graphs bake in the new pool's address
+        # graphs bake in the pool's address: those captured while staging hold when the pool was kept
+        self.report.transform_detail["graph_capture"] = engine.capture_live_graphs()
         self.committed = True
 
     def _fail(self, exc: Exception) -> None:
@@ -260,7 +281,7 @@ class StagedSwitch:
         if self.committed:
             self._finish()
             raise exc
-        log.warning("staged switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
+        log.warning("staged switch %s failed in %s, rolling back: %s", report.id, report.phase, exc, exc_info=exc)
         try:
             if isinstance(exc, WorkerError):
                 engine.placement = self.old

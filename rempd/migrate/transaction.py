@@ -216,14 +216,14 @@ class SwitchTransaction:
         blocks.free_blocks = deque(range(next_id, num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = plan.new
-        self.report.transform_detail["graph_capture"] = engine.warm_up(engine.live_batch_sizes(engine.placement.topology.pp))
+        self.report.transform_detail["graph_capture"] = engine.capture_live_graphs()
 
     def _rollback(self, old: Placement, exc: Exception) -> None:
         """Back to the old placement. Before transform the workers are untouched; after it started, their
         shards are rebuilt from the weight store and live requests recompute their KV. A worker that failed
         may have left its peers blocked in a transfer with it, so then every worker is restarted."""
         engine, report = self.engine, self.report
-        log.warning("switch %s failed in %s, rolling back: %s", report.id, report.phase, exc)
+        log.warning("switch %s failed in %s, rolling back: %s", report.id, report.phase, exc, exc_info=exc)
         touched = report.phase in ("transform", "commit")
         try:
             if isinstance(exc, WorkerError):

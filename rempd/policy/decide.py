@@ -25,6 +25,7 @@ from typing import Literal
 
 from rempd.policy.profile import ProfileSet
 from rempd.policy.window import Observation
+from rempd.topology import Topology
 
 Action = Literal["stay", "hold", "switch"]
 
@@ -78,8 +79,7 @@ class Decision:
 
 
 def devices_of(topology: str) -> int:
-    tp, pp = topology.upper().removeprefix("TP").split("PP")
-    return int(tp) * int(pp)
+    return Topology.parse(topology).size
 
 
 class Policy:

@@ -119,9 +119,9 @@ class PolicyRunner:
                 continue
             cached = self.plans.get((current, name))
             if cached is None or now - cached[1] > PLAN_REFRESH_S:
-                tp, pp = name.removeprefix("TP").split("PP")
+                target = Topology.parse(name)
                 try:
-                    summary = await self.engine.plan(Topology(int(tp), int(pp)))
+                    summary = await self.engine.plan(target)
                     cached = (float(summary["predicted"]["total"]), now)
                 except Exception as exc:  # SwitchRefused: it does not fit, say, so it is no candidate
                     log.debug("no plan %s → %s: %s", current, name, exc)
@@ -170,9 +170,9 @@ class PolicyRunner:
             log.debug("policy advice %s: %s", decision.action, decision.reason)
 
     def start_switch(self, now: float, decision: Decision) -> None:
-        tp, pp = decision.target.removeprefix("TP").split("PP")
+        target = Topology.parse(decision.target)
         try:
-            report, done = self.launch(self.engine, Topology(int(tp), int(pp)))
+            report, done = self.launch(self.engine, target)
         except Exception as exc:  # a manual switch got in first, or the plan refused
             log.warning("policy could not start a switch to %s: %s", decision.target, exc)
             return

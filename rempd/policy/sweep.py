@@ -96,8 +96,7 @@ class ProfileSweep:
         if runner.current() == name:
             return True
         self.progress = f"switching to {name}"
-        tp, pp = name.upper().removeprefix("TP").split("PP")
-        report, done = runner.launch(runner.engine, Topology(int(tp), int(pp)))
+        report, done = runner.launch(runner.engine, Topology.parse(name))
         await asyncio.wait([done])  # its report says how it ended
         if report.state != "committed":
             self.measured[name] = {"error": f"switch {report.state}: {report.error}"}

@@ -22,8 +22,8 @@ from rempd.model.config import ModelConfig
 from rempd.model.sharding import is_row_parallel
 from rempd.shm_store.manifest import (HEADER, Manifest, SegmentHeader, SegmentState, StoreError,
                                       TensorSpec, align_up)
-from rempd.shm_store.store import (WeightStore, _unlink_if_owner, new_segment_name,
-                                   process_start, shm_path)
+from rempd.shm_store.segments import new_segment_name, process_start, shm_path, unlink_if_owner
+from rempd.shm_store.store import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class StoreBuilder:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise StoreError(f"weight store {self.name!r} already exists in {self.path.parent}") from None
-        self._finalizer = weakref.finalize(self, _unlink_if_owner, self.path, os.getpid())
+        self._finalizer = weakref.finalize(self, unlink_if_owner, self.path, os.getpid())
         try:
             # Header first, so reclaim_stale_segments can attribute the segment from now on.
             os.pwrite(fd, self._header.pack() + manifest_json, 0)

@@ -9,76 +9,18 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
-import sys
 import warnings
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from rempd.shm_store.manifest import (HEADER, Manifest, ManifestEntry, SegmentHeader,
                                       SegmentState, StoreError, StoreNotFoundError)
+from rempd.shm_store.segments import shm_path, unlink_if_owner
 
 if TYPE_CHECKING:
     from rempd.shm_store.loader import LoadStats, StoreBuilder
-
-SHM_DIR = Path("/dev/shm")
-DEFAULT_PREFIX = "remp-"
-
-
-def shm_dir() -> Path:
-    if not SHM_DIR.is_dir():
-        raise StoreError(f"{SHM_DIR} does not exist on this platform ({sys.platform}); "
-                         "the ReMP weight store needs Linux POSIX shared memory")
-    return SHM_DIR
-
-
-def shm_path(name: str) -> Path:
-    """Path of segment `name` ('/name' as shm_open spells it is accepted too)."""
-    bare = name.removeprefix("/")
-    if not bare or "/" in bare or bare in (".", "..") or len(bare) > 255 or "\x00" in bare:
-        raise StoreError(f"invalid shared-memory segment name {name!r}")
-    return shm_dir() / bare
-
-
-def new_segment_name(prefix: str = DEFAULT_PREFIX) -> str:
-    """remp-<uid>-<pid>-<random>: unique across users, daemons and restarts on one machine."""
-    return f"{prefix}{os.getuid()}-{os.getpid()}-{secrets.token_hex(6)}"
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of a live process in clock ticks since boot, or None if gone or a zombie.
-
-    Exact (no wall-clock arithmetic, unlike psutil's create_time), so a clock step can never
-    make a live owner look like a reused pid.
-    """
-    if not Path("/proc/self/stat").exists():
-        raise StoreError("/proc is not mounted: cannot tell live weight-store owners from dead ones")
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()   # comm may hold spaces and parentheses
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def owner_alive(pid: int, start: int | None) -> bool:
-    try:
-        now = process_start(pid)
-    except PermissionError:
-        return True   # cannot tell: keeping a dead segment is a leak, dropping a live one is a crash
-    return now is not None and (start is None or now == start)
-
-
-def _unlink_if_owner(path: Path, owner_pid: int) -> None:
-    # Runs from a weakref finalizer, possibly at interpreter exit: a forked copy of the owner
-    # object must not delete the real owner's segment.
-    if os.getpid() == owner_pid:
-        path.unlink(missing_ok=True)
 
 
 class WeightStore:
@@ -111,7 +53,7 @@ class WeightStore:
             # torch warns about non-writable buffers; read-only is the point of the mapping.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             self._segment: torch.Tensor | None = torch.frombuffer(mapping, dtype=torch.uint8)
-        self._finalizer = (weakref.finalize(self, _unlink_if_owner, path, os.getpid())
+        self._finalizer = (weakref.finalize(self, unlink_if_owner, path, os.getpid())
                            if owner else None)
 
     # ---- construction -------------------------------------------------------------------------
@@ -225,39 +167,3 @@ class WeightStore:
         role = "owner" if self.owner else "attached"
         return (f"WeightStore({self.name!r}, {role}, {len(self.manifest)} tensors, "
                 f"{self.nbytes / 1e9:.3f} GB)")
-
-
-def reclaim_stale_segments(prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Unlink this user's segments named prefix* whose owner process is dead; return their names.
-
-    The owner is the pid + start time in the header (which tells a reused pid apart); a segment
-    whose header is not written yet falls back to the pid in a remp-<uid>-<pid>-... name, and one
-    we cannot attribute at all is left alone.
-    """
-    reclaimed = []
-    for dirent in os.scandir(shm_dir()):
-        if not dirent.name.startswith(prefix):
-            continue
-        try:
-            if dirent.stat().st_uid != os.getuid():
-                continue
-            with open(dirent.path, "rb") as f:
-                raw = f.read(HEADER.size)
-        except (FileNotFoundError, PermissionError):
-            continue
-        try:
-            header = SegmentHeader.unpack(raw, dirent.path)
-            pid, start = header.owner_pid, header.owner_start
-        except StoreError:
-            parts = dirent.name[len(prefix):].split("-")
-            if len(parts) < 3 or not (parts[0].isdigit() and parts[1].isdigit()):
-                continue
-            pid, start = int(parts[1]), None
-        if owner_alive(pid, start):
-            continue
-        try:
-            os.unlink(dirent.path)
-        except FileNotFoundError:
-            continue   # another process reclaimed it first
-        reclaimed.append(dirent.name)
-    return reclaimed

@@ -2,10 +2,11 @@
 
 A graph bakes in the addresses of the weights and of the KV pool, so it is captured after every install and
 every switch, and dropped before a switch frees the old pool. A switch captures only the buckets its live batch
-uses, so that the capture does not lengthen the pause; any other bucket is captured on its first step (every TP
-rank of a stage runs the same step, so they capture together, as the all-reduce inside needs). Inputs live in static buffers: one int64 array in
-the StepLayout of the bucket, plus the hidden states a later pipeline stage receives. TP all-reduces run inside
-the graph (NCCL allows capture); pipeline send/recv stay outside it."""
+uses (a staged one, before the cut, over the pool it will keep), so that capture does not lengthen the pause;
+any other bucket is captured on its first step (every TP rank of a stage runs the same step, so they capture
+together, as the all-reduce inside needs). Inputs live in static buffers: one int64 array in the StepLayout of
+the bucket, plus the hidden states a later pipeline stage receives. TP all-reduces run inside the graph (NCCL
+allows capture); pipeline send/recv stay outside it."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ from rempd.model.llama import LlamaStage
 from rempd.worker_pool.step_tensors import StepLayout
 
 log = logging.getLogger("rempd.graphs")
+CAPTURE_HEADROOM = 512 << 20  # free device memory below which the allocator's cache is emptied before a capture
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -38,8 +40,10 @@ class DecodeGraph:
 
 class DecodeGraphs:
     def __init__(self, stage: LlamaStage, kv: torch.Tensor, hidden_size: int, dtype: torch.dtype,
-                 max_blocks: int, max_batch: int):
+                 max_blocks: int, max_batch: int, warmed: set[tuple] | None = None):
+        """warmed: kernel shapes this worker has run before (kept across stages by its StepRunner)."""
         self.stage, self.kv, self.max_blocks = stage, kv, max_blocks
+        self.warmed = set() if warmed is None else warmed
         self.hidden_size, self.dtype = hidden_size, dtype
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, DecodeGraph] = {}
@@ -48,10 +52,10 @@ class DecodeGraphs:
         self.lazy_captures = 0
 
     def capture(self, batch_sizes: list[int] | None = None) -> float:
-        """Capture the buckets of these batch sizes (all of them when None), largest first so that the smaller
-        ones fit in its memory pool. Seconds taken."""
+        """Capture the buckets of these batch sizes (all of them when None) that are not captured yet, largest
+        first so that the smaller ones fit in its memory pool. Seconds taken."""
         wanted = self.buckets if batch_sizes is None else {self.bucket_of(n) for n in batch_sizes if n > 0}
-        return sum(self._capture(size) for size in sorted(wanted, reverse=True))
+        return sum(self._capture(size) for size in sorted(set(wanted) - set(self.graphs), reverse=True))
 
     def bucket_of(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= min(batch, self.buckets[-1]))
@@ -76,12 +80,25 @@ class DecodeGraphs:
         inputs = ids if hidden is None else hidden
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up run compiles kernels and sets up libraries outside capture
-            self.stage(inputs, positions, self.kv, meta, samples)
-        torch.cuda.current_stream().wait_stream(side)
+        # a warm-up run compiles kernels and sets up libraries outside capture; needed once per kernel shape:
+        # the batch, the TP group (head counts, the all-reduce) and which ends of the model the stage holds
+        shape = (size, tuple(self.stage.tp.members), self.stage.is_first, self.stage.is_last, self.max_blocks)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.stage(inputs, positions, self.kv, meta, samples)
+        if torch.cuda.mem_get_info(device)[0] < CAPTURE_HEADROOM:
+            # a capture cannot return cached memory to the driver when it needs more: do it before
+            torch.cuda.empty_cache()
+        with torch.cuda.stream(side):
+            if shape not in self.warmed:
+                self.stage(inputs, positions, self.kv, meta, samples)
+                self.warmed.add(shape)
+            # not torch.cuda.graph(): it always empties the allocator's cache first, which after a switch means
+            # returning the old shard's memory to the driver inside the pause
+            graph.capture_begin(pool=self.pool)
+            try:
+                out = self.stage(inputs, positions, self.kv, meta, samples)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
         return DecodeGraph(graph, layout, flat, hidden, out)
 
     def bucket_for(self, step: StepInput) -> int | None:

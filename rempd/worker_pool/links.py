@@ -46,6 +46,13 @@ def warm_links(worker, member_sets: list[tuple[int, ...]]) -> float:
     ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=worker.device), peer, worker.world) for peer in peers]
     for request in dist.batch_isend_irecv(ops) if ops else []:
         request.wait()
+    # a lone send/recv (pipeline hand-offs) runs on a communicator of its own per pair, which NCCL creates on
+    # first use (~0.1 s): open each pair's now, in one global order so that no two workers wait on each other
+    for low, high in ((a, b) for a in range(size) for b in range(a + 1, size) if me in (a, b)):
+        if me == low:
+            dist.send(token, dst=high, group=worker.world)
+        else:
+            dist.recv(token, src=low, group=worker.world)
     worker._sync()
     return time.perf_counter() - start
 

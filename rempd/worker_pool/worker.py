@@ -126,14 +126,22 @@ class Worker:
 
     def release(self) -> None:
         self._wait_sends()
-        self.runner.drop_graphs()
+        self.runner.drop_graphs(staged=True)
         self.stage = self.kv = self.kv_shape = self.kv_buffer = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def execute_shared(self, ref: tuple[int, int] | bytes) -> list[int] | None:
-        """execute() of a step the driver wrote to the shared-memory channel."""
-        return self.execute(self.channel.read(ref))
+        """execute() of a step the driver wrote to the shared-memory channel; the step's times go to the log."""
+        received = time.perf_counter()
+        step = self.channel.read(ref)
+        unpacked = time.perf_counter()
+        tokens = self.execute(step)
+        self.runner.finished(received, unpacked, step)
+        return tokens
+
+    def profile(self, action: str, *args: int) -> dict | None:
+        return self.runner.profile_command(action, *args)
 
     def execute(self, step: StepInput, return_logits: bool = False) -> list[int] | torch.Tensor | None:
         if self.stage is None:
@@ -179,15 +187,18 @@ class Worker:
     def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> tuple[int, int] | None:
         return device_memory.transform_headroom(self, plan, round_bytes)
 
-    def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None) -> float:
+    def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None, stage=None,
+                       kv: torch.Tensor | None = None) -> float:
         """Capture decode graphs for the current shard and KV pool (after install and after a switch; every
         active worker calls this together, since TP all-reduces are captured): the buckets of `batch_sizes`, or
-        all when None. Seconds taken; 0 off CUDA."""
-        if self.stage is None or self.kv is None:
+        all when None. A staged switch passes its next stage and pool. Seconds taken; 0 off CUDA."""
+        staged = stage is not None
+        stage, kv = (stage, kv) if staged else (self.stage, self.kv)
+        if stage is None or kv is None:
             return 0.0
-        max_blocks = -(-self.stage.rotary.cos.shape[0] // self.kv_shape.block_size)
-        return self.runner.capture(self.stage, self.kv, self.setup.model.hidden_size, max_blocks, max_batch,
-                                   batch_sizes)
+        max_blocks = -(-stage.rotary.cos.shape[0] // kv.shape[3])  # kv: [layers, 2, blocks, block_size, ...]
+        return self.runner.capture(stage, kv, self.setup.model.hidden_size, max_blocks, max_batch, batch_sizes,
+                                   staged)
 
     def prepare_groups(self, placement: Placement) -> int:
         return links.prepare_groups(self, placement)
