@@ -1,12 +1,13 @@
 """A worker's weights in a layer-ordered switch: the new stage is built one step of layers at a time
 (migrate/layer_steps.py), and each old tensor is freed right after the last step that reads it.
 
-LlamaStage builds its parts in the plan's unit order through a WeightSource; `before` runs every step before the
-one of the unit about to be allocated, so a step runs once all of its new tensors exist. A step posts its peer transfers
-straight from the old tensors into the new ones (no round buffers), then queues its local copies (rows that stay,
-rows from the host store) so that they overlap the transfers, waits, and frees the old tensors it was the last
-reader of. On CUDA the freed memory goes back to the device at once: the caching allocator would otherwise carve
-later, smaller tensors out of the freed blocks and strand the rest, which a larger KV pool then cannot use."""
+LlamaStage builds its parts in the plan's unit order through a WeightSource; `before` runs every step before
+the one of the unit about to be allocated, so a step runs once all of its new tensors exist. A step posts its peer
+transfers straight from the old tensors into the new ones (no round buffers), then queues its local copies (rows
+that stay, rows from the host store) so that they overlap the transfers, waits, and frees the old tensors it was
+the last reader of. On CUDA the freed memory goes back to the device at once: the caching allocator would
+otherwise carve later, smaller tensors out of the freed blocks and strand the rest, which a larger KV pool then
+cannot use."""
 from __future__ import annotations
 
 import weakref

@@ -6,9 +6,9 @@ last step that reads it (a copy into its own new shard, or a send to a peer). A 
 own tensors, so no other worker need be waited for: its sends being done is its peers being done with them.
 
 Ascending layers would not do: a worker whose old layers come last (TP1PP4 → TP4PP1: the last stage) would build
-most of its new shard before freeing anything. So the units go in the order that keeps the fullest worker lowest:
-each next unit is the one after which the most loaded worker holds least. The order and its steps depend on the
-plan alone; the driver computes them once and every worker follows them.
+most of its new shard before freeing anything. So each next unit is the one after which no worker is far above
+the larger of its two shards (build_order). The order and its steps depend on the plan alone; the driver computes
+them once and every worker follows them.
 """
 from __future__ import annotations
 
