@@ -6,6 +6,7 @@ import pytest
 
 from rempd.migrate.layer_steps import build_order, free_steps, layer_steps, piece_unit, step_of_units
 from rempd.migrate.plan import plan_switch
+from rempd.migrate.predict import LinkSpeeds, predict
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.migrate.transaction import SwitchRefused, choose_order
 from rempd.migrate.transform_memory import headrooms, kv_bytes, transform_extra
@@ -125,3 +126,10 @@ def test_a_tied_embedding_is_freed_after_the_last_stage_that_reads_it():
     assert free["model.embed_tokens.weight"] == max(step_of[0], step_of[17])
     layer = "model.layers.3.self_attn."
     assert free[layer + "q_proj.weight"] == free[layer + "k_proj.weight"] == free[layer + "v_proj.weight"]
+
+
+def test_plan_prices_a_wait_per_step_of_the_layer_order():
+    p = plan(GEO_70B, Topology(4, 1), Topology(2, 1))
+    links = LinkSpeeds(host_gbps=25.0, peer_gbps=100.0, local_gbps=1000.0, step_seconds=0.002)
+    layered, plain = predict(p, links), predict(replace(p, layer_steps=None), links)
+    assert layered["transform"] - plain["transform"] == pytest.approx(0.002 * len(p.layer_steps))
