@@ -53,9 +53,6 @@ def make_plan(engine, target: Topology | Placement, steps: list[Step] | None = N
     return plan
 
 
-IN_PLACE_MODES = ("auto", "always", "never")
-
-
 def choose_order(mode: str, topology: Topology, devices: list[str], headrooms: list[tuple[int, int] | None]) -> bool:
     """Whether the transform runs in layer order, from each involved device's headroom (plain, layer order):
     "auto" keeps the plain order where it fits, since layer order waits for the device once per step. Refuses a

@@ -217,8 +217,8 @@ class Worker:
         return report
 
     def last_switch_report(self) -> dict | None:
-        """This worker's report of its last switch transform: seconds per step, bytes, and in layer order the
-        sequence of units built and freed; on CUDA its memory at the start and at the weights' peak."""
+        """This worker's report of its last switch transform: seconds per step, bytes, in layer order the tensors
+        built and freed in turn, and on CUDA what it held beyond its old shard at the peak, measured and as priced."""
         return self.last_switch
 
     def staged(self, op: str, *args) -> object:
