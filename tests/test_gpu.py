@@ -5,6 +5,7 @@ import torch
 
 from rempd import LLM, SamplingParams
 from rempd.migrate.report import SwitchReport
+from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.topology import Topology
 
 pytestmark = pytest.mark.gpu
@@ -168,3 +169,37 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
         detail = (report.transform_detail, report.requests_live, captured)
         assert report.requests_live > 0 and report.kv_pool_kept, detail
         assert report.transform_detail["graph_precapture"] > report.transform_detail["graph_capture"], detail
+
+
+def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llama1b, fp32_reference):
+    """Switches forced to layer order, between 4 and 2 GPUs and changing TP and PP: at each involved worker's
+    peak, what it holds beyond its old shard (measured by the allocator) is less than its whole new shard, which
+    the plain order holds beside the old one, and no more than plan priced; tokens equal the reference's."""
+    need_gpus(4)
+    tokens, _ = fp32_reference
+    with LLM(llama1b, tp=4, pp=1, devices=[0, 1, 2, 3], switch_in_place="always", switch_round_bytes=64 << 20,
+             **FP32) as llm:
+        engine = llm.engine
+        geo = ModelGeometry(engine.model_config, "float32")
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, GREEDY_LONG)
+        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        for tp, pp in [(2, 1), (1, 2), (1, 4), (2, 2), (4, 1)]:
+            for _ in range(3):
+                for out in engine.step():
+                    got[out.request_id] += out.new_token_ids
+            old = engine.placement
+            report = SwitchReport(id=f"{tp}{pp}", source=str(old), target=f"TP{tp}PP{pp}")
+            for out in engine.switch(Topology(tp, pp), report):
+                got[out.request_id] += out.new_token_ids
+            assert report.state == "committed" and report.in_place, report.error
+            results = engine.pool.call("last_switch_report")
+            for worker in sorted(set(old.workers) | set(engine.placement.workers)):
+                result, shards = results[worker], [shard_of(geo.cfg, p, worker) for p in (old, engine.placement)]
+                assert result["extra_bytes"] <= result["predicted_extra_bytes"] + (32 << 20), (tp, pp, worker, result)
+                if all(shards):
+                    assert result["extra_bytes"] < geo.weight_bytes(shards[1]), (tp, pp, worker, result)
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
