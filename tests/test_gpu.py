@@ -175,16 +175,18 @@ def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llam
     """Switches forced to layer order, between 4 and 2 GPUs and changing TP and PP: at each involved worker's
     peak, what it holds beyond its old shard (measured by the allocator) is less than its whole new shard, which
     the plain order holds beside the old one, and no more than plan priced; tokens equal the reference's."""
-    need_gpus(4)
+    need_gpus(2)
     tokens, _ = fp32_reference
-    with LLM(llama1b, tp=4, pp=1, devices=[0, 1, 2, 3], switch_in_place="always", switch_round_bytes=64 << 20,
-             **FP32) as llm:
+    four = torch.cuda.device_count() >= 4  # on 2 GPUs: between TP2 and PP2 only
+    start, chain = ((4, 1), [(2, 1), (1, 2), (1, 4), (2, 2), (4, 1)]) if four else ((2, 1), [(1, 2), (2, 1), (1, 2)])
+    with LLM(llama1b, tp=start[0], pp=start[1], devices=list(range(4 if four else 2)), switch_in_place="always",
+             switch_round_bytes=64 << 20, **FP32) as llm:
         engine = llm.engine
         geo = ModelGeometry(engine.model_config, "float32")
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, GREEDY_LONG)
         got = {f"r{i}": [] for i in range(len(PROMPTS))}
-        for tp, pp in [(2, 1), (1, 2), (1, 4), (2, 2), (4, 1)]:
+        for tp, pp in chain:
             for _ in range(3):
                 for out in engine.step():
                     got[out.request_id] += out.new_token_ids
