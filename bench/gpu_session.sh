@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
-# Writes logs and JSON under $OUT. Usage: bash bench/gpu_session.sh tests|matrix|restart|decode|decode_profile|staged|workload|soak ...
+# Writes logs and JSON under $OUT. Usage:
+#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|staged|workload|soak ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -16,10 +17,19 @@ for step in "$@"; do
     tests)
         timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider \
             ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape
+    inplace)  # layer-ordered switches on 4 GPUs: memory below old + new, as plan priced, tokens exact (~1-2 min)
+        timeout 300 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider -k layer_ordered 2>&1 \
+            | tee "$OUT/gpu_inplace.log" ;;
+    checkpoint)  # write the checkpoint of SHAPE once, for later calls on the same warm machine (70B: 138 GB)
+        CK=/tmp/remp-checkpoints/${SHAPE:-llama2-7b}
+        [ -f "$CK/config.json" ] || timeout "${LIMIT:-580}" python3 -m rempd make-checkpoint --shape "${SHAPE:-llama2-7b}" \
+            --out "$CK" 2>&1 | tail -3
+        df -h /tmp | tail -1 ;;
+    matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape; IN_PLACE=always|never
         timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
             ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
+            ${IN_PLACE:+--in-place "$IN_PLACE"} \
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate()
         timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \

@@ -75,7 +75,8 @@ async def run_matrix(model: Path, shape: str, devices: str, topologies: list[str
     port = 18000
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/rempd.sock"
-        daemon = start_daemon(model, devices, topologies[0], port, sock, [], log_path)
+        extra = ["--switch-in-place", args.in_place] if args.in_place else []
+        daemon = start_daemon(model, devices, topologies[0], port, sock, extra, log_path)
         try:
             results["startup_s"] = await wait_healthy(f"http://127.0.0.1:{port}", 1800)
             ctl = control(sock)
@@ -112,7 +113,7 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
     last = runs[-1]
     print(f"{src:>7} → {dst:<7} {cell['state']:<10} total {cell['median_total_s']} predicted "
           f"{cell['median_predicted_s']:.3f} pause {cell['median_pause_s']} live {cell['live_at_cut']} "
-          f"phases {({k: round(v, 3) for k, v in last.get('phases', {}).items()})} "
+          f"in_place {last.get('in_place')} phases {({k: round(v, 3) for k, v in last.get('phases', {}).items()})} "
           f"detail {({k: round(v, 3) for k, v in last.get('transform_detail', {}).items()})} "
           f"failed {last['failed_requests']} {last['errors']} {last.get('error')}", flush=True)
     return cell
@@ -126,6 +127,8 @@ async def main() -> None:
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--restart-only", action="store_true")
     ap.add_argument("--restart-topologies", help="restart into these targets only (default: every topology)")
+    ap.add_argument("--in-place", choices=["auto", "always", "never"],
+                    help="rempd's --switch-in-place (layer-ordered transforms); its default if unset")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = ensure_checkpoint(args.checkpoints, args.shape)

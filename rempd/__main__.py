@@ -50,6 +50,7 @@ def serve(
     block_size: Annotated[Optional[int], _option("--block-size", key="block_size")] = None,
     switch_round_bytes: Annotated[Optional[str], _option("--switch-round-bytes", key="switch_round_bytes")] = None,
     switch_mode: Annotated[Optional[str], _option("--switch-mode", key="switch_mode")] = None,
+    switch_in_place: Annotated[Optional[str], _option("--switch-in-place", key="switch_in_place")] = None,
     staging_memory: Annotated[Optional[str], _option("--staging-memory", key="staging_memory")] = None,
     staging_chunk_bytes: Annotated[Optional[str], _option("--staging-chunk-bytes", key="staging_chunk_bytes")] = None,
     drain_timeout: Annotated[Optional[float], _option("--drain-timeout", key="drain_timeout")] = None,

@@ -59,6 +59,9 @@ class DaemonConfig:
     switch_round_bytes: int = _opt(EngineConfig.switch_round_bytes, parse_size, "a switch moves weights between "
                                    "devices in rounds of this size: smaller needs less memory beside the old and "
                                    "new shards")
+    switch_in_place: str = _opt(EngineConfig.switch_in_place, strict(str), "build a switch's new shards layer by "
+                                "layer, freeing old layers as they go: auto (when old and new shards do not fit side "
+                                "by side), always, never")
     switch_mode: str = _opt(EngineConfig.switch_mode, strict(str), "how a switch runs unless its request says: "
                             "stop_the_world, or staged (the old topology serves while the new one is prepared; "
                             "stop-the-world if it cannot fit)")
@@ -123,6 +126,8 @@ class DaemonConfig:
             problems.append("max_model_len must be at least 2")
         if self.switch_mode not in ("staged", "stop_the_world"):
             problems.append(f"switch_mode {self.switch_mode!r} is not staged or stop_the_world")
+        if self.switch_in_place not in ("auto", "always", "never"):
+            problems.append(f"switch_in_place {self.switch_in_place!r} is not auto, always or never")
         if self.worker_timeout <= 0:
             problems.append("worker_timeout must be positive")
         if self.max_request_bytes < 1024:
@@ -152,7 +157,7 @@ class DaemonConfig:
             kv_cache_memory=self.kv_cache_memory, gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes,
-            switch_mode=self.switch_mode, staging_memory=self.staging_memory,
+            switch_mode=self.switch_mode, switch_in_place=self.switch_in_place, staging_memory=self.staging_memory,
             staging_chunk_bytes=self.staging_chunk_bytes, worker_timeout=self.worker_timeout)
 
 

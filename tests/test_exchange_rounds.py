@@ -1,6 +1,7 @@
 """How a switch's peer transfers are cut into rounds, and the memory a worker needs at the transform's peak."""
 from rempd.migrate.plan import plan_switch
-from rempd.migrate.reshard import exchange_rounds, transform_bytes
+from rempd.migrate.reshard import exchange_rounds
+from rempd.migrate.transform_memory import transform_bytes
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.config import ModelConfig
 from rempd.model.make_checkpoint import shape_config

@@ -5,6 +5,7 @@ import torch
 
 from rempd import LLM, SamplingParams
 from rempd.migrate.report import SwitchReport
+from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.topology import Topology
 
 pytestmark = pytest.mark.gpu
@@ -74,6 +75,7 @@ def test_live_switches_on_gpus_keep_the_model(llama1b, hf_logits):
 # greedy tokens to be equal (bf16 near-ties could flip one); bf16 is covered against transformers above.
 PROMPTS = [[128000] + [(53 * i + 7 * j) % 120000 + 100 for j in range(n)] for i, n in enumerate((4, 40, 130, 300, 9, 61))]
 GREEDY_LONG = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+LIVE_THROUGH = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
 FP32 = dict(dtype="float32", max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=16)
 
 
@@ -134,7 +136,8 @@ def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
 
 def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
     """A staged switch keeps the pool and captures the new stage's graphs while the old one serves: the cut
-    captures nothing for an unchanged batch, and the tokens stay those of the reference."""
+    captures nothing for an unchanged batch, and the tokens stay those of the reference (its first 24: the
+    requests run longer, to be live at the cut however many steps staging takes)."""
     from rempd.migrate.staging import StagedSwitch, StagingOptions
 
     need_gpus(2)
@@ -146,7 +149,7 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
         for tp, pp in [(1, 2), (2, 1)]:  # each switch with a fresh set of the requests live through it
             for i, prompt in enumerate(PROMPTS):
                 got[f"{tp}{pp}-{i}"] = []
-                engine.add_request(f"{tp}{pp}-{i}", prompt, GREEDY_LONG)
+                engine.add_request(f"{tp}{pp}-{i}", prompt, LIVE_THROUGH)
             for _ in range(4):
                 for out in engine.step():
                     got[out.request_id] += out.new_token_ids
@@ -163,8 +166,45 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
             while engine.has_unfinished():
                 for out in engine.step():
                     got[out.request_id] += out.new_token_ids
-    assert [got[f"{tp}{pp}-{i}"] for tp, pp in [(1, 2), (2, 1)] for i in range(len(PROMPTS))] == tokens + tokens
+    heads = [got[f"{tp}{pp}-{i}"][:GREEDY_LONG.max_tokens] for tp, pp in [(1, 2), (2, 1)] for i in range(len(PROMPTS))]
+    assert heads == tokens + tokens
     for report, captured in reports:
         detail = (report.transform_detail, report.requests_live, captured)
         assert report.requests_live > 0 and report.kv_pool_kept, detail
         assert report.transform_detail["graph_precapture"] > report.transform_detail["graph_capture"], detail
+
+
+def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llama1b, fp32_reference):
+    """Switches forced to layer order, between 4 and 2 GPUs and changing TP and PP: at each involved worker's
+    peak, what it holds beyond its old shard (measured by the allocator) is less than its whole new shard, which
+    the plain order holds beside the old one, and no more than plan priced; tokens equal the reference's."""
+    need_gpus(2)
+    tokens, _ = fp32_reference
+    four = torch.cuda.device_count() >= 4  # on 2 GPUs: between TP2 and PP2 only
+    start, chain = ((4, 1), [(2, 1), (1, 2), (1, 4), (2, 2), (4, 1)]) if four else ((2, 1), [(1, 2), (2, 1), (1, 2)])
+    with LLM(llama1b, tp=start[0], pp=start[1], devices=list(range(4 if four else 2)), switch_in_place="always",
+             switch_round_bytes=64 << 20, **FP32) as llm:
+        engine = llm.engine
+        geo = ModelGeometry(engine.model_config, "float32")
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, GREEDY_LONG)
+        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        for tp, pp in chain:
+            for _ in range(3):
+                for out in engine.step():
+                    got[out.request_id] += out.new_token_ids
+            old = engine.placement
+            report = SwitchReport(id=f"{tp}{pp}", source=str(old), target=f"TP{tp}PP{pp}")
+            for out in engine.switch(Topology(tp, pp), report):
+                got[out.request_id] += out.new_token_ids
+            assert report.state == "committed" and report.in_place, report.error
+            results = engine.pool.call("last_switch_report")
+            for worker in sorted(set(old.workers) | set(engine.placement.workers)):
+                result, shards = results[worker], [shard_of(geo.cfg, p, worker) for p in (old, engine.placement)]
+                assert result["extra_bytes"] <= result["predicted_extra_bytes"] + (32 << 20), (tp, pp, worker, result)
+                if all(shards):
+                    assert result["extra_bytes"] < geo.weight_bytes(shards[1]), (tp, pp, worker, result)
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens

@@ -33,19 +33,20 @@ def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
     return fault_tools.switch(ctl, tp, pp, **{"mode": "stop_the_world", **extra})
 
 
-async def stream_through_switches(daemon, targets: list[dict]) -> tuple[list[str], list[dict]]:
+async def stream_through_switches(daemon, targets: list[dict], prompts: list[str] = PROMPTS,
+                                  max_tokens: int = MAX_TOKENS) -> tuple[list[str], list[dict]]:
     """Stream every prompt; after every stream has a few chunks, run the switches one after another."""
     client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
-    chunks: list[list[str]] = [[] for _ in PROMPTS]
+    chunks: list[list[str]] = [[] for _ in prompts]
 
     async def one(i: int) -> str:
-        stream = await client.completions.create(model=daemon.model_name, prompt=PROMPTS[i], max_tokens=MAX_TOKENS,
+        stream = await client.completions.create(model=daemon.model_name, prompt=prompts[i], max_tokens=max_tokens,
                                                  temperature=0, stream=True, extra_body={"ignore_eos": True})
         async for event in stream:
             chunks[i].append(event.choices[0].text)
         return "".join(chunks[i])
 
-    tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
     while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
         await asyncio.sleep(0.005)
     with daemon.control() as ctl:

@@ -11,7 +11,7 @@ from fault_tools import switch
 
 TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
 PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i % 3 + 1) for i in range(8)]
-MAX_TOKENS = 320  # long enough that every stream lives through five switches
+MAX_TOKENS = 440  # every stream lives through five switches (a staging step also drains the step sent ahead)
 
 
 def every_ordered_pair() -> list[tuple[int, int]]:

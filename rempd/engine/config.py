@@ -26,6 +26,9 @@ class EngineConfig:
     worker_timeout: float = 60.0  # seconds a worker may take to answer before it counts as hung
     store_name: str | None = None  # shared-memory segment name; None picks a fresh one
     switch_round_bytes: int = 1 << 30  # peer transfers of a switch go in rounds of about this size
+    # a switch builds the new shards layer by layer, freeing old layers as it goes: "auto" (only when old and new
+    # shards do not fit side by side), "always" or "never" (migrate/layer_steps.py)
+    switch_in_place: str = "auto"
     attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the kernels only)
 

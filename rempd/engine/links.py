@@ -39,7 +39,9 @@ def measure_links(engine) -> LinkSpeeds:
     group = max((sec / n for sec, n in built), default=0.0)
     allocs = sorted(i["kv_bytes"] / i["kv_alloc_seconds"] / 1e9 for i in engine.shard_infos if i["kv_alloc_seconds"])
     alloc = allocs[len(allocs) // 2] if allocs else 0.0
-    return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc)
+    steps = sorted(r["step"] for r in results if "step" in r)
+    return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc,
+                      step_seconds=steps[len(steps) // 2] if steps else 0.0)
 
 
 def calibrate(engine) -> None:

@@ -19,6 +19,7 @@ from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.scheduler import ScheduledBatch, Scheduler
 from rempd.engine.sequence import Sequence
 from rempd.engine.step_input import StepInput
+from rempd.engine.status import engine_status
 from rempd.engine.step_log import StepLog
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
@@ -288,25 +289,7 @@ class LLMEngine:
         return sum(1 for r in self.recoveries if r.target)
 
     def status(self) -> dict:
-        topo, alive, pids = self.placement.topology, self.pool.alive(), self.pool.pids()
-        workers = []
-        for index, device in enumerate(self.devices):
-            coords = self.placement.coords(index)
-            info = self.shard_infos[index]
-            workers.append({
-                "index": index, "device": device, "pid": pids[index],
-                "state": ("active" if coords else "standby") if alive[index] else "dead",
-                "pp_rank": coords[0] if coords else None, "tp_rank": coords[1] if coords else None,
-                "weight_bytes": info["weight_bytes"], "kv_blocks": info["kv_blocks"],
-            })
-        return {"topology": {"tp": topo.tp, "pp": topo.pp}, "placement": list(self.placement.workers),
-                "workers": workers, "max_model_len": self.max_model_len,
-                "store": {"name": self.store.name, "bytes": self.store.nbytes},
-                # from a batch's tokens to its outputs, the next batch's scheduling and sending included (see
-                # finish_oldest); a median of the recent steps, which a first step's compilation cannot skew
-                "driver_host_ms_per_step": self.step_log.median_ms(("replied", "done")),
-                "num_recoveries": self.num_recoveries, "lost_devices": list(self.device_slots.lost),
-                "last_recovery": self.recoveries[-1].to_dict() if self.recoveries else None}
+        return engine_status(self)
 
     def stats(self) -> EngineStats:
         s = self.scheduler

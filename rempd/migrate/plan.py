@@ -48,6 +48,12 @@ class SwitchPlan:
     kv_bytes_per_piece_unit: int  # bytes of one layer × one head × one block (K and V)
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     num_layers: int = 0  # the model's, for pricing work per layer of the new stages
+    # units built in each step when the transform runs in layer order (migrate/layer_steps.py); None: plain order
+    layer_steps: list[list[int]] | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return self.layer_steps is not None
 
     @property
     def new_stage_layers(self) -> int:

@@ -20,6 +20,9 @@ class LinkSpeeds:
     # switch onto the same placement at start-up and refined by every committed switch
     fixed_seconds: float = 0.0
     graph_seconds_per_layer: float = 0.0  # capturing one batch bucket's decode CUDA graph, per layer of the stage
+    # a step of a layer-ordered transform beyond its bytes: one batched transfer waited for, and on CUDA a device
+    # wait and the freed memory handed back
+    step_seconds: float = 0.0
 
     def learn(self, residual_seconds: float) -> None:
         """Fold in (measured − predicted) of a committed switch; halves the weight of older ones."""
@@ -62,6 +65,8 @@ def predict(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_pool_b
         transform = max(transform, overlapped + moved["stay"] / (links.local_gbps * gb))
     if links.alloc_gbps:
         transform += 2 * new_pool_bytes / (links.alloc_gbps * gb)
+    if plan.in_place:
+        transform += len(plan.layer_steps) * links.step_seconds
     phases = {
         "plan": links.rpc_seconds,
         "quiesce": links.rpc_seconds,
@@ -79,7 +84,7 @@ def plan_summary(plan: SwitchPlan, links: LinkSpeeds, new_groups: int = 0, new_p
     """What `rempctl plan` shows: the placement, bytes by source, and predicted seconds per phase."""
     return {
         "source": str(plan.old), "target": str(plan.new), "placement": list(plan.new.workers),
-        "tp": plan.new.topology.tp, "pp": plan.new.topology.pp,
+        "tp": plan.new.topology.tp, "pp": plan.new.topology.pp, "in_place": plan.in_place,
         "bytes_by_source": plan.bytes_by_source, "kv_blocks": plan.num_live_blocks,
         "predicted": predict(plan, links, new_groups, new_pool_bytes, graph_buckets), "links": links.to_dict(),
     }

@@ -27,6 +27,7 @@ class SwitchReport:
     kv_blocks_migrated: int = 0
     requests_preempted: int = 0
     requests_live: int = 0
+    in_place: bool | None = None  # the new shards were built layer by layer as the old ones were freed
     kv_pool_kept: bool | None = None  # the pools' memory was viewed in the new shape, not freed and allocated
     # seconds from the last token any request got before the switch to the first one after it (server side)
     serving_pause_s: float | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -58,22 +58,6 @@ def exchange_rounds(plan: SwitchPlan, round_bytes: int = ROUND_BYTES) -> list[li
         rounds[-1].append((kind, i))
         filled += nbytes
     return [r for r in rounds if r]
-
-
-def transform_bytes(plan: SwitchPlan, me: int, new_weight_bytes: int, round_bytes: int = ROUND_BYTES) -> int:
-    """The most this worker allocates during the transform while its old shard is still held: the new shard,
-    its packed live KV, and the buffers of at most two rounds in flight."""
-    exchanged = packed = largest = 0
-    for piece in plan.weights:
-        if piece.source == "peer" and me in (piece.src, piece.dst):
-            exchanged += piece.nbytes
-            largest = max(largest, piece.nbytes)
-    for piece in plan.kv:
-        if piece.src == me:
-            packed += plan.kv_bytes(piece)
-        if piece.source == "peer" and piece.dst == me:
-            exchanged += plan.kv_bytes(piece)
-    return new_weight_bytes + packed + min(exchanged, 2 * (round_bytes + largest))
 
 
 def post_round(plan: SwitchPlan, keys: list[PieceKey], me: int, old_weights: dict[str, torch.Tensor],
@@ -162,16 +146,39 @@ class Clock:
         self.last = now
 
 
+def exchange(rounds: list[list[PieceKey]], post: Callable, from_peers: dict[int, torch.Tensor],
+             first: tuple | None = None) -> dict[PieceKey, torch.Tensor]:
+    """Run the rounds (the first one maybe posted already), the next one in flight while this one is copied into
+    place: weight rows into `from_peers`' targets; received KV pieces are returned."""
+    received_kv: dict[PieceKey, torch.Tensor] = {}
+    in_flight = first or (post(rounds[0]) if rounds else ([], {}))
+    for r in range(len(rounds)):
+        requests, received = in_flight
+        for request in requests:
+            request.wait()
+        if r + 1 < len(rounds):
+            in_flight = post(rounds[r + 1])
+        for key, data in received.items():
+            if key[0] == "w":
+                from_peers.pop(key[1]).copy_(data)
+            else:
+                received_kv[key] = data
+    return received_kv
+
+
 def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
                  max_len: int, round_bytes: int = ROUND_BYTES) -> tuple:
     """Run the transform on `worker` (a rempd.worker_pool.worker.Worker); returns its new
     (stage, kv, kv_shape, report). When the pool's memory holds `num_blocks` of the new shape and the transfers fit
     beside it, the new pool is a new view of the same bytes; otherwise the old pool is freed before the new one
-    is allocated, so the two never coexist."""
+    is allocated, so the two never coexist. In layer order (plan.in_place) the old shard is freed as the new one
+    is built (migrate/in_place.py); else the new shard is built whole, then the old one freed."""
     from rempd.model.layers import TensorParallel
     from rempd.model.llama import LlamaStage
     from rempd.model.weight_source import WeightSource
+    from rempd.migrate.in_place import InPlaceBuild
     from rempd.migrate.shards import shard_of
+    from rempd.migrate.transform_memory import transform_extra
 
     me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
     old_shard, new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
@@ -187,6 +194,9 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory
             torch.cuda.empty_cache()
         clock.mark("kv_free")
+    if dev.type == "cuda":  # the weights' peak is measured from here (for the GPU test of plan's memory model)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_bytes = torch.cuda.memory_allocated(dev) - sum(t.numel() * t.element_size() for t in packed.values())
 
     old_weights = worker.stage.named_weights() if worker.stage is not None else {}
     old_rows = geo.holdings(old_shard) if old_shard else {}
@@ -199,45 +209,52 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         return post_round(plan, keys, me, old_weights, old_rows, packed, kv_piece_shape, worker.row_shape, dtype,
                           dev, times, worker.world)
 
-    rounds = exchange_rounds(plan, round_bytes)
-    in_flight = post(rounds[0]) if rounds else ([], {})
-    clock.mark("exchange_post")
-    stage, from_peers = None, {}
-    if new_shard is not None:
+    def build(fill, before=None, order=None):
+        if new_shard is None:
+            return None
+        members = plan.new.tp_group(new_shard.pp_rank)
+        tp = TensorParallel(new_shard.tp, new_shard.tp_rank, worker.groups.get(members), members)
+        source = WeightSource(fill, worker.row_shape, dtype, dev, before)
+        return LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, source, max_len, dev,
+                          order)
+
+    report: dict = {"in_place": plan.in_place}
+    if plan.in_place:
+        worker.stage = None  # the views in old_weights are now the old tensors' only owners
+        layered = InPlaceBuild(worker, plan, old_weights, old_rows, times)
+        layered.start()
+        stage = build(layered.fill, layered.before, [unit for step in plan.layer_steps for unit in step])
+        layered.finish()
+        report["in_place_log"] = layered.log
+        clock.mark("weights")
+        received_kv = exchange(exchange_rounds(replace(plan, weights=[]), round_bytes), post, {})
+        clock.mark("exchange")
+    else:
+        rounds = exchange_rounds(plan, round_bytes)
+        first = post(rounds[0]) if rounds else ([], {})  # in flight while the host loads and local copies run
+        clock.mark("exchange_post")
+        from_peers: dict[int, torch.Tensor] = {}
         mine: dict[str, list[tuple[int, WeightPiece]]] = {}
         for i, piece in enumerate(plan.weights):
             if piece.dst == me:
                 mine.setdefault(piece.name, []).append((i, piece))
 
-        def from_host(name: str, a: int, b: int) -> torch.Tensor:
-            return worker.store.rows(name, a, b)
-
         def fill(name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
-            assemble_rows(mine[name], rows, me, old_weights, old_rows, from_host, out, from_peers)
+            assemble_rows(mine[name], rows, me, old_weights, old_rows,
+                          lambda n, a, b: worker.store.rows(n, a, b), out, from_peers)
 
-        members = plan.new.tp_group(new_shard.pp_rank)
-        tp = TensorParallel(new_shard.tp, new_shard.tp_rank, worker.groups.get(members), members)
-        source = WeightSource(fill, worker.row_shape, dtype, dev)
-        stage = LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, source, max_len, dev)
-    clock.mark("weights")
-    received_kv: dict[PieceKey, torch.Tensor] = {}
-    for r in range(len(rounds)):
-        requests, received = in_flight
-        for request in requests:
-            request.wait()
-        if r + 1 < len(rounds):  # the next round travels while this one is copied into place
-            in_flight = post(rounds[r + 1])
-        for key, data in received.items():
-            if key[0] == "w":
-                from_peers.pop(key[1]).copy_(data)
-            else:
-                received_kv[key] = data
-    clock.mark("exchange")
-    old_weights.clear()  # drop the views, so the old tensors can go
-    worker.stage = None  # the old shard's tensors go once every peer has read them
-    if not reuse and dev.type == "cuda":  # a kept pool stays where it is; freed weights stay cached for the next
-        torch.cuda.empty_cache()
-        clock.mark("weights_free")
+        stage = build(fill)
+        clock.mark("weights")
+        received_kv = exchange(rounds, post, from_peers, first)
+        clock.mark("exchange")
+        old_weights.clear()  # drop the views, so the old tensors can go
+        worker.stage = None  # the old shard's tensors go once every peer has read them
+        if not reuse and dev.type == "cuda":  # a kept pool stays where it is; freed weights stay cached for the next
+            torch.cuda.empty_cache()
+            clock.mark("weights_free")
+    if dev.type == "cuda":  # beyond the old shard, at the transform's peak: measured, and as plan priced it
+        report |= {"extra_bytes": torch.cuda.max_memory_allocated(dev) - base_bytes,
+                   "predicted_extra_bytes": transform_extra(plan, geo, me, round_bytes)}
     kv = kv_shape = None
     if new_shard is not None:
         kv_shape = worker.kv_shape_for(new_shard, block_size)
@@ -246,6 +263,6 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         clock.mark("kv_alloc")
         install_kv(plan, me, new_shard, geo.kv_heads(new_shard), kv, packed, received_kv, len(live_blocks))
     clock.mark("kv_install")
-    report = {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received,
-              "pool_reused": reuse}
+    report |= {"phases": times.phases, "bytes_sent": times.bytes_sent, "bytes_received": times.bytes_received,
+               "pool_reused": reuse}
     return stage, kv, kv_shape, report

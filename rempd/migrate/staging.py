@@ -4,36 +4,23 @@ commits. When the workers have no memory to stage in, it runs the stop-the-world
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import dataclass, replace
 
 from rempd.engine.block_manager import BlockManager
 from rempd.migrate.delta import CutLayout, PrecopyLedger
-from rempd.migrate.plan import SwitchPlan, WeightPiece
+from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.migrate.staging_budget import StagingBudget, StagingOptions
 from rempd.migrate.transaction import (REUSE_SHARE, Fault, SwitchRefused, SwitchTransaction, check_capacity,
                                       inject_fault, make_plan, tp_member_sets)
-from rempd.topology import Placement, Topology, kv_heads_per_rank
+from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 
 log = logging.getLogger("rempd.switch")
 FAULT_PHASES = {"transform": "delta"}  # a fault aimed at stop-the-world's transform hits the staged delta
 MAX_PRECOPY_ROUNDS = 64  # the cut comes after this many KV chunks even if decoding outruns the pre-copy
-GROWTH = 1.25  # live KV grows while staging: room for a quarter more
-
-
-@dataclass(frozen=True)
-class StagingOptions:
-    memory_limit: int | None = None  # bytes a worker may stage in; None: free device memory, or on CPU the KV budget
-    chunk_bytes: int | None = None  # most bytes one worker moves between two steps; None: 256 MiB GPU, 64 KiB CPU
-
-
-def size(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 class StagedSwitch:
@@ -43,11 +30,7 @@ class StagedSwitch:
         self.requested_fault = fault
         self.fault = (FAULT_PHASES.get(fault[0], fault[0]), fault[1]) if fault else None
         self.is_cuda = engine.devices[0].startswith("cuda")
-        self.chunk_bytes = options.chunk_bytes or ((256 << 20) if self.is_cuda else (64 << 10))
-        self.memory_limit = options.memory_limit
-        if self.memory_limit is None and not self.is_cuda:
-            self.memory_limit = engine.config.kv_cache_memory
-        self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
+        self.budget = StagingBudget(engine, options, self.is_cuda)
         self.ledger = PrecopyLedger(engine.config.block_size)
         self.tasks: deque[tuple] = deque()
         self.plan: SwitchPlan | None = None
@@ -81,14 +64,14 @@ class StagedSwitch:
             self.plan = make_plan(engine, self.target)
             self.capacity = check_capacity(engine, self.plan)
             report.placement, report.bytes_by_source = list(self.plan.new.workers), self.plan.bytes_by_source
-            reason = self._unfit()
+            reason = self.budget.unfit(self.plan, self.capacity)
             self._leave("plan", start)
             if reason is not None:
                 return self._stop_the_world(reason)
             engine.pool.call("staged", "begin", self.plan, engine.config.block_size, engine.max_model_len,
                              workers=self.involved)
-            self.tasks = deque([("groups",), *(("weights", c) for c in self._weight_chunks()), ("build",),
-                                ("graphs",)])
+            chunks = self.budget.weight_chunks(self.plan)
+            self.tasks = deque([("groups",), *(("weights", c) for c in chunks), ("build",), ("graphs",)])
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
             self._finish()
@@ -106,57 +89,6 @@ class StagedSwitch:
         self.finished = True
         return transaction.outputs
 
-    def _unfit(self) -> str | None:
-        """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one chunk in
-        flight must fit in each new worker's free memory (and the staging limit)."""
-        engine, cfg, plan = self.engine, self.engine.model_config, self.plan
-        live = sum(len(s.block_table) for s in engine.scheduler.running)
-        expected = math.ceil(live * GROWTH) + len(engine.scheduler.running)
-        if self.memory_limit == 0:
-            return "staging memory is off (staging_memory = 0)"
-        rooms = engine.pool.call("staged", "room", workers=list(plan.new.workers))
-        for worker, room in zip(plan.new.workers, rooms):
-            shard = shard_of(cfg, plan.new, worker)
-            need = self.geo.weight_bytes(shard) + expected * self._kv_block_bytes(shard) + self.chunk_bytes
-            free = min(x for x in (room, self.memory_limit) if x is not None)
-            if need > free:
-                what = "the staging limit allows" if free == self.memory_limit else "device memory has"
-                return f"staging needs {size(need)} on worker {worker}; {what} {size(free)}"
-        needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
-        if self.is_cuda and self.capacity - expected < needed:
-            return (f"with pre-copied KV held, the new pool would have {self.capacity - expected} blocks, "
-                    f"{needed} needed for one {engine.max_model_len}-token sequence")
-        return None
-
-    def _kv_block_bytes(self, shard) -> int:
-        heads = kv_heads_per_rank(self.engine.model_config.num_kv_heads, shard.tp)
-        return len(shard.layers) * heads * self.geo.kv_bytes_per_block_head_layer(self.engine.config.block_size)
-
-    def _weight_chunks(self) -> list[list[WeightPiece]]:
-        """Peer weight pieces, split by rows so that no worker sends or receives more than a chunk at a time."""
-        chunks, current, load = [], [], {}
-        for piece in self.plan.weights:
-            if piece.source != "peer":
-                continue
-            row = piece.nbytes // (piece.stop - piece.start)
-            step = max(1, self.chunk_bytes // max(1, row))
-            for a in range(piece.start, piece.stop, step):
-                part = replace(piece, start=a, stop=min(piece.stop, a + step))
-                part = replace(part, nbytes=(part.stop - part.start) * row)
-                if current and max(load.get(part.src, 0), load.get(part.dst, 0)) + part.nbytes > self.chunk_bytes:
-                    chunks.append(current)
-                    current, load = [], {}
-                current.append(part)
-                for w in (part.src, part.dst):
-                    load[w] = load.get(w, 0) + part.nbytes
-        return chunks + ([current] if current else [])
-
-    def _blocks_per_chunk(self) -> int:
-        cfg = self.engine.model_config
-        per_block = max(self._kv_block_bytes(s) for p in (self.old, self.plan.new)
-                        for w in p.workers if (s := shard_of(cfg, p, w)) is not None)
-        return max(1, self.chunk_bytes // per_block)
-
     def advance(self) -> list:
         """One bounded piece of staging between two steps, or the cut once staging is done. A failing step of
         the old topology raises here (WorkerError) for the engine loop to handle as it does any step."""
@@ -168,7 +100,7 @@ class StagedSwitch:
                 self._run(*self.tasks.popleft())
                 return outputs
             running = self.engine.scheduler.running
-            per_chunk = self._blocks_per_chunk()
+            per_chunk = self.budget.blocks_per_chunk(self.old, self.plan.new)
             if len(self.ledger.pending(running)) > per_chunk // 2 and self.precopy_rounds < MAX_PRECOPY_ROUNDS:
                 start = self._enter("precopy")
                 blocks = self.ledger.next_chunk(running, per_chunk)

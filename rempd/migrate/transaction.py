@@ -12,6 +12,7 @@ from collections import deque
 from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
+from rempd.migrate.layer_steps import Step, layer_steps
 from rempd.migrate.plan import SwitchPlan, plan_switch
 from rempd.migrate.predict import LinkSpeeds, pool_bytes, predict
 from rempd.migrate.report import SwitchReport
@@ -36,8 +37,9 @@ class SwitchRefused(ValueError):
     """The target cannot run; nothing changed."""
 
 
-def make_plan(engine, target: Topology | Placement) -> SwitchPlan:
-    """Validate the target and plan the moves for the KV live now. No side effects."""
+def make_plan(engine, target: Topology | Placement, steps: list[Step] | None = None) -> SwitchPlan:
+    """Validate the target and plan the moves for the KV live now (in the given layer order, if any: the steps
+    depend on the placements alone). No side effects."""
     cfg, config = engine.model_config, engine.config
     topology = target.topology if isinstance(target, Placement) else target
     try:
@@ -46,19 +48,45 @@ def make_plan(engine, target: Topology | Placement) -> SwitchPlan:
         raise SwitchRefused(str(exc)) from exc
     geo = ModelGeometry(cfg, engine.template.dtype)
     live = sum(len(s.block_table) for s in engine.scheduler.running)
-    return plan_switch(geo, engine.placement, target, len(engine.devices), live, config.block_size)
+    plan = plan_switch(geo, engine.placement, target, len(engine.devices), live, config.block_size)
+    plan.layer_steps = steps
+    return plan
+
+
+def choose_order(mode: str, topology: Topology, devices: list[str], headrooms: list[tuple[int, int] | None]) -> bool:
+    """Whether the transform runs in layer order, from each involved device's headroom (plain, layer order):
+    "auto" keeps the plain order where it fits, since layer order waits for the device once per step. Refuses a
+    target that fits neither way the mode allows."""
+    def short(which: int) -> tuple[int, str] | None:
+        worst = min(((left[which], device) for left, device in zip(headrooms, devices) if left is not None),
+                     default=None)
+        return worst if worst is not None and worst[0] < 0 else None
+
+    plain, layered = short(0), short(1)
+    if mode == "never" or (mode == "auto" and plain is None):
+        if plain is not None:
+            raise SwitchRefused(f"{topology}: {plain[1]} would run out of memory during the switch, where its old "
+                                f"and new shards coexist: {-plain[0] / 1e9:.1f} GB short")
+        return False
+    if layered is not None:
+        raise SwitchRefused(f"{topology}: {layered[1]} would run out of memory during the switch even with the new "
+                            f"shard built layer by layer as the old one is freed: {-layered[0] / 1e9:.1f} GB short")
+    return True
 
 
 def check_capacity(engine, plan: SwitchPlan) -> int:
-    """Blocks the new pool will have; refuses a target that cannot hold one full-length sequence."""
-    capacities = engine.pool.call("kv_capacity", plan.new, engine.config.block_size, workers=list(plan.new.workers))
+    """Blocks the new pool will have; chooses the transform's order (plan.layer_steps); refuses a target whose
+    transform cannot fit or that cannot hold one full-length sequence."""
+    config = engine.config
+    capacities = engine.pool.call("kv_capacity", plan.new, config.block_size, workers=list(plan.new.workers))
     num_blocks = min(capacities)
     involved = sorted(set(plan.old.workers) | set(plan.new.workers))
-    headroom = engine.pool.call("transform_headroom", plan, engine.config.switch_round_bytes, workers=involved)
-    for worker, left in zip(involved, headroom):
-        if left is not None and left < 0:
-            raise SwitchRefused(f"{plan.new.topology}: {engine.devices[worker]} would run out of memory during the "
-                                f"switch, where its old and new shards coexist: {-left / 1e9:.1f} GB short")
+    geo = ModelGeometry(engine.model_config, engine.template.dtype)
+    if config.switch_in_place != "never":  # the workers price both orders
+        plan.layer_steps = layer_steps(plan, geo, config.switch_round_bytes)
+    headrooms = engine.pool.call("transform_headroom", plan, config.switch_round_bytes, workers=involved)
+    if not choose_order(config.switch_in_place, plan.new.topology, [engine.devices[w] for w in involved], headrooms):
+        plan.layer_steps = None
     needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
     if num_blocks < needed:
         raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {num_blocks} KV blocks, "
@@ -125,8 +153,9 @@ class SwitchTransaction:
             while sum(len(s.block_table) for s in live) > num_blocks:
                 engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
                 report.requests_preempted += 1
-            plan = make_plan(engine, plan.new)  # the live KV is final now
+            plan = make_plan(engine, plan.new, plan.layer_steps)  # the live KV is final now
             report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
+            report.in_place = plan.in_place
             geo = ModelGeometry(engine.model_config, engine.template.dtype)
             fresh_pool = 0 if report.kv_pool_kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
             buckets = len(set(engine.live_batch_sizes(plan.new.topology.pp)))

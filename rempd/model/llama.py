@@ -67,20 +67,32 @@ class LlamaStage(nn.Module):
     """Layers `layers` of the model; the first stage embeds, the last one normalises and projects to logits."""
 
     def __init__(self, cfg: ModelConfig, layers: range, is_first: bool, is_last: bool, tp: TensorParallel,
-                 source: WeightSource, max_len: int, device: torch.device):
+                 source: WeightSource, max_len: int, device: torch.device, order: list[int] | None = None):
+        """order: the model's parts in the order to build them (0 the embedding, 1 + i layer i, num_layers + 1
+        the final norm and head), of which this stage builds its own; a layer-ordered switch sets it."""
         super().__init__()
         self.cfg, self.tp, self.layer_ids = cfg, tp, layers
         self.is_first, self.is_last = is_first, is_last
         self.vocab_start, _ = even_range(cfg.vocab_size, tp.size, tp.rank)
         vocab_rows = shard_rows("model.embed_tokens.weight", cfg, tp.size, tp.rank)
-        self.embed = source.take(("model.embed_tokens.weight", vocab_rows)) if is_first else None
-        self.layers = [DecoderLayer(cfg, i, tp, source) for i in layers]
+        head = cfg.num_layers + 1
+        mine = [0] * is_first + [1 + i for i in layers] + [head] * is_last
+        self.embed = self.norm = self.lm_head = None
+        built: dict[int, DecoderLayer] = {}
+        for unit in mine if order is None else [u for u in order if u in mine]:
+            if unit == 0:
+                self.embed = source.take(("model.embed_tokens.weight", vocab_rows))
+            elif unit == head:
+                self.norm = source.take(("model.norm.weight", (0, cfg.hidden_size)))
+                if not (is_first and cfg.tie_word_embeddings):
+                    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+                    self.lm_head = source.take((name, vocab_rows))
+            else:
+                built[unit - 1] = DecoderLayer(cfg, unit - 1, tp, source)
+        if is_last and is_first and cfg.tie_word_embeddings:
+            self.lm_head = self.embed
+        self.layers = [built[i] for i in layers]
         self.rotary = Rotary(cfg, max_len, device)
-        self.norm = self.lm_head = None
-        if is_last:
-            self.norm = source.take(("model.norm.weight", (0, cfg.hidden_size)))
-            head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            self.lm_head = self.embed if (is_first and cfg.tie_word_embeddings) else source.take((head, vocab_rows))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Checkpoint name → the rows of it this stage holds (views, no copies)."""

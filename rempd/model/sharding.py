@@ -44,6 +44,16 @@ def layer_of(name: str) -> int | None:
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
 
 
+def fused_name(name: str) -> str:
+    """The one allocation a stage keeps this stored tensor's rows in: LlamaStage fuses q, k and v (weights and
+    biases) and gate and up."""
+    for parts, fused in ((("q_proj", "k_proj", "v_proj"), "qkv"), (("gate_proj", "up_proj"), "gate_up")):
+        for part in parts:
+            if f".{part}." in name:
+                return name.replace(part, fused)
+    return name
+
+
 def stage_tensor_names(cfg: ModelConfig, layers: range, is_first: bool, is_last: bool) -> list[str]:
     """HF tensor names a pipeline stage needs."""
     names = []

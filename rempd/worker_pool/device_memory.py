@@ -1,19 +1,36 @@
 """How much device memory a worker has for a KV pool or a switch, under a placement it does not run yet."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from rempd.engine.kv_cache import kv_budget_bytes
 from rempd.migrate.plan import SwitchPlan
-from rempd.migrate.reshard import transform_bytes
 from rempd.migrate.shards import shard_of
+from rempd.migrate.transform_memory import headrooms, transform_extra
 from rempd.topology import Placement
 
 RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL's own needs
+# tests only: each CPU worker counts as a device with this many bytes for weights and a switch's transfers (its
+# KV pool apart, sized by kv_cache_memory), so that plan's memory checks run on CPU
+CPU_DEVICE_BYTES_ENV = "REMP_CPU_DEVICE_BYTES"
+
+
+def cpu_device_bytes() -> int | None:
+    value = os.environ.get(CPU_DEVICE_BYTES_ENV)
+    return int(value) if value else None
+
+
+def checks_memory(worker) -> bool:
+    return worker.device.type == "cuda" or cpu_device_bytes() is not None
 
 
 def spare_bytes(worker) -> int:
-    """Device memory a worker can still take: free, plus what its allocator caches unused, less the reserve."""
+    """Device memory a worker can still take: free, plus what its allocator caches unused, less the reserve. A CPU
+    worker under the test budget: the budget less its weights."""
+    if worker.device.type != "cuda":
+        return cpu_device_bytes() - worker.info()["weight_bytes"]
     free, _ = torch.cuda.mem_get_info(worker.device)
     cached = torch.cuda.memory_reserved(worker.device) - torch.cuda.memory_allocated(worker.device)
     return free + cached - RESERVE_BYTES
@@ -35,23 +52,24 @@ def kv_capacity(worker, placement: Placement, block_size: int) -> int | None:
 
 def reusable_blocks(worker, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
     """Blocks of the target's shape that this worker's pool memory holds, if the switch can keep that memory
-    (the new shard and the transfers fit beside it): no free, allocation or zeroing of the pool. 0 if not."""
+    (the transform, in the plan's order, fits beside it): no free, allocation or zeroing of the pool. 0 if not."""
     shard = shard_of(worker.setup.model, plan.new, worker.setup.index)
     if shard is None or worker.kv_buffer is None:
         return 0
-    if worker.device.type == "cuda":
-        needed = transform_bytes(plan, worker.setup.index, worker.geometry.weight_bytes(shard), round_bytes)
-        if spare_bytes(worker) < needed:
+    if checks_memory(worker):
+        if spare_bytes(worker) < transform_extra(plan, worker.geometry, worker.setup.index, round_bytes):
             return 0
     return worker.kv_shape_for(shard, block_size).blocks_in(worker.kv_buffer)
 
 
-def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> int | None:
-    """Bytes this device has left at the transform's peak, when old and new shards coexist (negative: it
-    would run out); None on CPU, whose workers share the host's memory."""
-    if worker.device.type != "cuda":
+def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> tuple[int, int] | None:
+    """Bytes this device has left at the transform's peak with its pool freed (negative: it would run out), in
+    plain order (old and new shards coexist) and in the plan's layer order; None on CPU, whose workers share the
+    host's memory."""
+    if not checks_memory(worker):
         return None
-    shard = shard_of(worker.setup.model, plan.new, worker.setup.index)
-    new_bytes = worker.geometry.weight_bytes(shard) if shard else 0
-    held_kv = 0 if worker.kv is None else worker.kv.numel() * worker.kv.element_size()
-    return spare_bytes(worker) + held_kv - transform_bytes(plan, worker.setup.index, new_bytes, round_bytes)
+    me, geo = worker.setup.index, worker.geometry
+    room = spare_bytes(worker)
+    if worker.device.type == "cuda" and worker.kv is not None:
+        room += worker.kv.numel() * worker.kv.element_size()
+    return headrooms(plan, geo, me, round_bytes, room)

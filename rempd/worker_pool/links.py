@@ -82,7 +82,24 @@ def measure_links(worker, size_bytes: int = 32 << 20) -> dict:
                 request.wait()
             worker._sync()
             timings["peer"] = time.perf_counter() - start
+        timings["step"] = step_seconds(worker)
     return {"bytes": src.numel(), **timings}
+
+
+def step_seconds(worker, iterations: int = 5) -> float:
+    """What a step of a layer-ordered switch costs beyond its bytes: a batched ring transfer waited for, then on
+    CUDA the device waited for and cached memory handed back (see migrate/in_place.py)."""
+    size, me = worker.setup.world_size, worker.setup.index
+    token = torch.zeros(1, device=worker.device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        ops = [dist.P2POp(dist.isend, token, (me + 1) % size, worker.world),
+               dist.P2POp(dist.irecv, torch.empty_like(token), (me - 1) % size, worker.world)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        if worker.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return (time.perf_counter() - start) / iterations
 
 
 def measure_all_reduce(worker, numels: list[int], iterations: int = 20) -> dict[int, float]:

@@ -77,6 +77,7 @@ class Worker:
         self.channel = StepChannel.attach(setup.step_channel) if setup.step_channel else None
         self.runner = StepRunner(self.device, use_kernels(setup.attention, self.device))
         self.staging: ShardStaging | None = None  # the target shard of a staged switch, built beside this one
+        self.last_switch: dict | None = None
 
     def _pin_store(self) -> bool:
         """Page-lock the weight store once, so host loads in a switch run at full PCIe speed.
@@ -183,7 +184,7 @@ class Worker:
     def reusable_blocks(self, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
         return device_memory.reusable_blocks(self, plan, block_size, round_bytes)
 
-    def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> int | None:
+    def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> tuple[int, int] | None:
         return device_memory.transform_headroom(self, plan, round_bytes)
 
     def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None, stage=None,
@@ -209,10 +210,16 @@ class Worker:
                max_len: int, round_bytes: int) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
         self.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
-        self.stage, self.kv, self.kv_shape, times = switch_shard(self, plan, live_blocks, num_blocks, block_size,
-                                                                 max_len, round_bytes)
+        self.stage, self.kv, self.kv_shape, report = switch_shard(self, plan, live_blocks, num_blocks, block_size,
+                                                                  max_len, round_bytes)
         self.placement = plan.new
-        return times
+        self.last_switch = report
+        return report
+
+    def last_switch_report(self) -> dict | None:
+        """This worker's report of its last switch transform: seconds per step, bytes, in layer order the tensors
+        built and freed in turn, and on CUDA what it held beyond its old shard at the peak, measured and as priced."""
+        return self.last_switch
 
     def staged(self, op: str, *args) -> object:
         """One step of a staged switch, between serving steps; see rempd.migrate.stage_shard."""

@@ -1,0 +1,85 @@
+"""What a staged switch may take: whether the target fits beside the topology that keeps serving, and how its
+transfers split into chunks small enough to run between two serving steps."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from rempd.migrate.plan import SwitchPlan, WeightPiece
+from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.topology import Placement, kv_heads_per_rank
+
+GROWTH = 1.25  # live KV grows while staging: room for a quarter more
+
+
+@dataclass(frozen=True)
+class StagingOptions:
+    memory_limit: int | None = None  # bytes a worker may stage in; None: free device memory, or on CPU the KV budget
+    chunk_bytes: int | None = None  # most bytes one worker moves between two steps; None: 256 MiB GPU, 64 KiB CPU
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+class StagingBudget:
+    def __init__(self, engine, options: StagingOptions, is_cuda: bool):
+        self.engine, self.is_cuda = engine, is_cuda
+        self.chunk_bytes = options.chunk_bytes or ((256 << 20) if is_cuda else (64 << 10))
+        self.memory_limit = options.memory_limit
+        if self.memory_limit is None and not is_cuda:
+            self.memory_limit = engine.config.kv_cache_memory
+        self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
+
+    def unfit(self, plan: SwitchPlan, capacity: int) -> str | None:
+        """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one chunk in
+        flight must fit in each new worker's free memory (and the staging limit). capacity: the new pool's
+        blocks."""
+        engine, cfg = self.engine, self.engine.model_config
+        live = sum(len(s.block_table) for s in engine.scheduler.running)
+        expected = math.ceil(live * GROWTH) + len(engine.scheduler.running)
+        if self.memory_limit == 0:
+            return "staging memory is off (staging_memory = 0)"
+        rooms = engine.pool.call("staged", "room", workers=list(plan.new.workers))
+        for worker, room in zip(plan.new.workers, rooms):
+            shard = shard_of(cfg, plan.new, worker)
+            need = self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard) + self.chunk_bytes
+            free = min(x for x in (room, self.memory_limit) if x is not None)
+            if need > free:
+                what = "the staging limit allows" if free == self.memory_limit else "device memory has"
+                return f"staging needs {size(need)} on worker {worker}; {what} {size(free)}"
+        needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
+        if self.is_cuda and capacity - expected < needed:
+            return (f"with pre-copied KV held, the new pool would have {capacity - expected} blocks, "
+                    f"{needed} needed for one {engine.max_model_len}-token sequence")
+        return None
+
+    def kv_block_bytes(self, shard) -> int:
+        heads = kv_heads_per_rank(self.engine.model_config.num_kv_heads, shard.tp)
+        return len(shard.layers) * heads * self.geo.kv_bytes_per_block_head_layer(self.engine.config.block_size)
+
+    def weight_chunks(self, plan: SwitchPlan) -> list[list[WeightPiece]]:
+        """Peer weight pieces, split by rows so that no worker sends or receives more than a chunk at a time."""
+        chunks, current, load = [], [], {}
+        for piece in plan.weights:
+            if piece.source != "peer":
+                continue
+            row = piece.nbytes // (piece.stop - piece.start)
+            step = max(1, self.chunk_bytes // max(1, row))
+            for a in range(piece.start, piece.stop, step):
+                part = replace(piece, start=a, stop=min(piece.stop, a + step))
+                part = replace(part, nbytes=(part.stop - part.start) * row)
+                if current and max(load.get(part.src, 0), load.get(part.dst, 0)) + part.nbytes > self.chunk_bytes:
+                    chunks.append(current)
+                    current, load = [], {}
+                current.append(part)
+                for w in (part.src, part.dst):
+                    load[w] = load.get(w, 0) + part.nbytes
+        return chunks + ([current] if current else [])
+
+    def blocks_per_chunk(self, old: Placement, new: Placement) -> int:
+        """KV blocks one pre-copy chunk carries."""
+        cfg = self.engine.model_config
+        per_block = max(self.kv_block_bytes(s) for p in (old, new)
+                        for w in p.workers if (s := shard_of(cfg, p, w)) is not None)
+        return max(1, self.chunk_bytes // per_block)
