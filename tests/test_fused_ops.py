@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from rempd.model.attention import AttentionMetadata  # noqa: E402
 from rempd.model.config import ModelConfig  # noqa: E402
-from rempd.model.fused_ops import FusedOps, ReferenceOps  # noqa: E402
+from rempd.model.fused_ops import FusedOps, ReferenceOps, ops_for  # noqa: E402
 from rempd.model.paged_attention import KernelMetadata  # noqa: E402
 from rempd.model.rotary import Rotary  # noqa: E402
 
@@ -95,3 +95,11 @@ def test_half_precision_rounds_where_the_reference_rounds():
     for g, w in zip(got, ReferenceOps.add_rms_norm(x, residual, weight, 1e-5)):
         assert_same(g, w)
     assert_same(FusedOps.silu_mul(gate_up.to(DEVICE)), ReferenceOps.silu_mul(gate_up))
+
+
+def test_fused_ops_run_with_the_kernels_unless_turned_off(monkeypatch):
+    kernel_meta = KernelMetadata(*[torch.zeros(1, dtype=torch.long)] * 4, max_query_len=1)
+    assert ops_for(kernel_meta) is FusedOps
+    assert ops_for(AttentionMetadata(*[None] * 6)) is ReferenceOps
+    monkeypatch.setenv("REMPD_FUSED_OPS", "0")
+    assert ops_for(kernel_meta) is ReferenceOps

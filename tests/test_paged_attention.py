@@ -10,7 +10,6 @@ if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from rempd.model.attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
-from rempd.model import paged_attention as paged_attention_kernels  # noqa: E402
 from rempd.model.paged_attention import KernelMetadata  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +38,7 @@ def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads, spli
     if not split_kv:
         if max(query_lens) > 1:
             pytest.skip("prefill never splits")
-        monkeypatch.setattr(paged_attention_kernels, "SPLIT_KV_BELOW", 0)
+        monkeypatch.setenv("REMPD_SPLIT_KV", "0")
     torch.manual_seed(0)
     head_dim, block_size, num_blocks, dtype = 16, 16, 48, torch.float32
     tables, slots = make_step(query_lens, context_lens, block_size, num_blocks, seed=1)
@@ -54,27 +53,34 @@ def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads, spli
     write_kv(ref_cache[0], ref_cache[1], k, v, ref_meta.slot_mapping)
     expected = paged_attention(q.contiguous(), ref_cache[0], ref_cache[1], ref_meta, 0.3)
 
-    kv, width = ref_cache.to(DEVICE), max(8, *map(len, tables))  # the kernel path's cache writes: test_fused_ops
+    kv, width = cache.to(DEVICE), max(8, *map(len, tables))
     meta = KernelMetadata(
         slot_mapping=torch.tensor(slots, device=DEVICE),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE),
         query_start=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device=DEVICE),
         context_lens=torch.tensor(context_lens, device=DEVICE), max_query_len=max(query_lens))
+    meta.store(kv[0], kv[1], k.to(DEVICE), v.to(DEVICE))  # with the fused ops on, rotary writes: test_fused_ops
+    assert torch.equal(kv.cpu(), ref_cache)
     got = meta.attend(q.to(DEVICE), kv[0], kv[1], 0.3).cpu()  # strided rows, as the model hands q over
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("split_kv", [True, False])
-def test_padding_rows_read_nothing(split_kv, monkeypatch):
-    """A CUDA-graph bucket pads the batch with sequences of context 0: their outputs are 0."""
+def test_padding_rows_write_nothing_and_read_nothing(split_kv, monkeypatch):
+    """A CUDA-graph bucket pads the batch with slot -1 and context 0: the cache is untouched, outputs are 0."""
     if not split_kv:
-        monkeypatch.setattr(paged_attention_kernels, "SPLIT_KV_BELOW", 0)
+        monkeypatch.setenv("REMPD_SPLIT_KV", "0")
     head_dim, block_size = 16, 16
     kv = torch.randn(2, 4, block_size, 2, head_dim, device=DEVICE)
+    before = kv.clone()
     meta = KernelMetadata(slot_mapping=torch.tensor([21, -1, -1], device=DEVICE),
                           block_tables=torch.tensor([[1], [0], [0]], device=DEVICE),
                           query_start=torch.arange(4, device=DEVICE),
                           context_lens=torch.tensor([6, 0, 0], device=DEVICE), max_query_len=1)
+    k = torch.randn(3, 2, head_dim, device=DEVICE)
+    meta.store(kv[0], kv[1], k, k)
+    changed = (kv != before).any(-1).any(-1).nonzero().tolist()
+    assert changed == [[0, 1, 5], [1, 1, 5]]
     out = meta.attend(torch.randn(3, 4, head_dim, device=DEVICE), kv[0], kv[1], 0.25)
     assert out[1:].abs().max().item() == 0.0 and out[0].abs().max().item() > 0
 

@@ -1,6 +1,6 @@
 """Paged attention over the KV cache, in plain PyTorch: the CPU path and the oracle of the GPU kernels in
-rempd.model.paged_attention, whose KernelMetadata has the same attend method (the kernel path writes the cache
-in rempd.model.fused_ops, fused with rotary)."""
+rempd.model.paged_attention, whose KernelMetadata has the same store/attend methods (though with the fused ops
+on, the kernel path writes the cache in rempd.model.fused_ops, fused with rotary)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

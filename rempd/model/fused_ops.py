@@ -1,10 +1,13 @@
 """The small per-layer ops of a decoder layer, two ways: ReferenceOps in plain PyTorch (the CPU path and the
 oracle) and FusedOps, one Triton kernel each (the GPU kernel path). A step uses FusedOps exactly when it runs the
-paged-attention kernels (KernelMetadata), so CPU machines without Triton never reach a Triton kernel.
+paged-attention kernels (KernelMetadata), so CPU machines without Triton never reach a Triton kernel;
+REMPD_FUSED_OPS=0 keeps the kernel path on ReferenceOps (to compare, or to rule the fused kernels out).
 
 Both carry the residual stream apart from the layer outputs, so that each residual add is fused into the RMSNorm
 that follows it: add_rms_norm(x, residual) returns (norm(x + residual), x + residual)."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -100,3 +103,8 @@ class FusedOps(ReferenceOps):
             fused_kernels.silu_mul[(tokens, -(-width // block))](gate_up, out, gate_up.stride(0), out.stride(0),
                                                                   WIDTH=width, BLOCK=block)
         return out
+
+
+def ops_for(meta: AttentionMetadata | KernelMetadata) -> type[ReferenceOps]:
+    fused = isinstance(meta, KernelMetadata) and os.environ.get("REMPD_FUSED_OPS", "1") != "0"
+    return FusedOps if fused else ReferenceOps

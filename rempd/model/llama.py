@@ -7,7 +7,7 @@ from torch import nn
 
 from rempd.model.attention import AttentionMetadata
 from rempd.model.config import ModelConfig
-from rempd.model.fused_ops import FusedOps, ReferenceOps
+from rempd.model.fused_ops import ReferenceOps, ops_for
 from rempd.model.layers import TensorParallel, row_parallel, vocab_parallel_embedding
 from rempd.model.paged_attention import KernelMetadata
 from rempd.model.rotary import Rotary
@@ -112,7 +112,7 @@ class LlamaStage(nn.Module):
         Returns hidden states, or on the last stage the full-vocabulary logits of the sampled rows."""
         x = vocab_parallel_embedding(inputs, self.embed, self.vocab_start, self.tp) if self.is_first else inputs
         # the Triton kernel path runs the layers' small ops fused too; the reference path stays plain PyTorch
-        ops = FusedOps if isinstance(meta, KernelMetadata) else ReferenceOps
+        ops = ops_for(meta)
         residual = None
         for local, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[local], meta, ops)

@@ -6,17 +6,22 @@ CPU machines without it never touch this module's kernels; under TRITON_INTERPRE
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 
 
-# split-KV decode when a step has at most this many (sequence, KV head) pairs: fewer programs than an H100 has
-# SMs, twice over, leave most of them idle while each one walks a whole context
+# split-KV decode when a step has at most this many (sequence, KV head) pairs: with under two programs per SM of
+# an H100, most SMs would idle while each program walks a whole context. REMPD_SPLIT_KV=0 turns it off.
 SPLIT_KV_BELOW = 256
 SPLIT_MIN_KEYS = 128  # keys per split at least
 SPLIT_MAX_PARTS = 64  # splits at most: longer contexts get longer splits
 SPLIT_BLOCK_N = 64
+
+
+def split_kv_below() -> int:
+    return SPLIT_KV_BELOW if os.environ.get("REMPD_SPLIT_KV", "1") != "0" else 0
 
 
 def kernels_available() -> bool:
@@ -43,6 +48,19 @@ class KernelMetadata:
     context_lens: torch.Tensor  # [seqs] tokens in the cache after this step, the new ones included
     max_query_len: int
 
+    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Only with the fused ops off (REMPD_FUSED_OPS=0): they write the cache fused with rotary.
+        k_cache/v_cache: [num_blocks, block_size, kv_heads, head_dim]; k/v: [tokens, kv_heads, head_dim]
+        whose rows may be strided (views into the fused qkv projection) but whose heads are packed."""
+        tokens, kv_heads, head_dim = k.shape
+        width = kv_heads * head_dim
+        for t in (k, v):
+            assert t.stride(2) == 1 and t.stride(1) == head_dim, "heads of a token must be packed"
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        if tokens:
+            _kernels().store_kv[(tokens,)](k, v, k_cache, v_cache, self.slot_mapping, k.stride(0), v.stride(0),
+                                           width, BLOCK=_pow2(width, 16))
+
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim] -> [tokens, heads, head_dim]. Query head h reads KV head h // group,
         which covers GQA and KV heads replicated across TP ranks alike."""
@@ -52,7 +70,7 @@ class KernelMetadata:
         out = torch.empty_like(q)
         if tokens == 0:
             return out
-        if self.max_query_len == 1 and self.context_lens.shape[0] * kv_heads <= SPLIT_KV_BELOW:
+        if self.max_query_len == 1 and self.context_lens.shape[0] * kv_heads <= split_kv_below():
             return self._attend_split(q, k_cache, v_cache, scale, out)
         # a tile's rows are (query token, head of the group) pairs: decode packs a GQA group into one tile
         block_m = _pow2(group, 16 if self.max_query_len == 1 else 64)

@@ -6,6 +6,20 @@ import triton.language as tl
 
 
 @triton.jit
+def store_kv(k_ptr, v_ptr, k_cache, v_cache, slots, stride_k, stride_v, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per new token: its K and V rows go to cache slot `slots[t]`; slot -1 is padding."""
+    t = tl.program_id(0)
+    slot = tl.load(slots + t).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        inside = offs < WIDTH
+        k = tl.load(k_ptr + t * stride_k + offs, mask=inside)
+        v = tl.load(v_ptr + t * stride_v + offs, mask=inside)
+        tl.store(k_cache + slot * WIDTH + offs, k, mask=inside)
+        tl.store(v_cache + slot * WIDTH + offs, v, mask=inside)
+
+
+@triton.jit
 def _attend_keys(q, k_cache, v_cache, block_tables, seq, kv_head, start, end, position, d, d_ok, m_i, l_i, acc,
                  scale, stride_cb, stride_cs, stride_ch, stride_bt, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
