@@ -140,3 +140,19 @@ def test_live_switch_with_async_tokens(llm):
         set_async(llm, False)
     assert [tokens[f"s{i}"] for i in range(4)] == [r.token_ids for r in reference]
     assert engine.placement.topology == Topology(2, 1)
+
+
+def test_preemption_with_async_tokens(checkpoints, llm):
+    """12 blocks of 16 tokens cannot hold 6 sequences of up to 50 tokens: run-ahead rows wait for blocks instead
+    of preempting, and the sequences preempted by recompute still produce the same tokens."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [p[:20] for p in PROMPTS]
+    reference = [o.token_ids for o in llm.generate(prompts, params)]
+    bytes_per_block = 4 * 2 * 16 * 1 * 16 * 4  # layers, K and V, block size, kv heads per rank at TP2, head dim, fp32
+    with LLM(checkpoints["tiny-llama"], tp=2, kv_cache_memory=12 * bytes_per_block, block_size=16,
+             max_model_len=64, async_tokens=True) as small:
+        assert small.engine.scheduler.blocks.num_blocks == 12
+        assert [o.token_ids for o in small.generate(prompts, params)] == reference
+        assert small.engine.stats().num_preempted > 0
+        blocks = small.engine.scheduler.blocks
+        assert blocks.num_free == blocks.num_blocks
