@@ -139,7 +139,9 @@ def print_row(row: dict) -> None:
           f"{row['wall'] - span:.3f} ms; kernels busy {busy:.3f} ms in {kernels.get('kernels_per_step', 0):.0f} "
           f"kernels; medians of {row['steps']} steps ({row['graph_steps']} graph replays)")
     print("  " + " | ".join(f"{name} {row[name]:.3f}" for name, _, _ in CHAIN) +
-          f" (overlapped: outputs {row['outputs']:.3f})")
+          f" (overlapped: outputs {row['outputs']:.3f}); driver period {row['driver_period']:.3f}")
+    # with --async-tokens a step is sent before the previous one's tokens are in: the chain above overlaps itself
+    # (negative phases), and wall, driver_period and the device span are the figures to compare
     if "error" in kernels or kernels.get("kernels_per_step") == 0:
         print(f"  no kernels traced: {kernels.get('error', 'the trace saw no graph kernels')}")
     for k in kernels.get("top", [])[:10]:

@@ -71,9 +71,12 @@ class StepRunner:
         self.launched, self.replayed = time.perf_counter(), bucket is not None
         return out, bucket is not None
 
-    def finished(self, received: float, unpacked: float, step: StepInput) -> None:
-        """A step driven through the step channel is done: log its stamps."""
-        gpu_ms = self.profile.finished(self.replayed) if self.profile is not None else math.nan
+    def finished(self, received: float, unpacked: float, step: StepInput, waited: bool = True) -> None:
+        """A step driven through the step channel is done: log its stamps. `waited`: false when its tokens are
+        still on their way (async tokens): then "done" is when it was launched."""
+        gpu_ms = math.nan
+        if self.profile is not None:
+            gpu_ms = self.profile.finished(self.replayed, None if waited else len(self.log.rows))
         self.log.add(received, unpacked, self.launched, time.perf_counter(), len(step.query_lens), step.num_tokens,
                      self.replayed, gpu_ms)
 
@@ -84,7 +87,12 @@ class StepRunner:
             self.log.clear()
             self.profile = StepProfile(self.device, trace_after, trace_steps)
             return None
-        kernels = self.profile.close() if self.profile is not None else None
+        kernels = None
+        if self.profile is not None:
+            for row, ms in self.profile.unread_spans().items():
+                if row < len(self.log.rows):
+                    self.log.rows[row] = (*self.log.rows[row][:-1], ms)  # gpu_ms is the row's last value
+            kernels = self.profile.close()
         self.profile = None
         return {"steps": self.log.to_dicts(), "kernels": kernels}
 

@@ -139,7 +139,7 @@ class Worker:
         step = self.channel.read(ref)
         unpacked = time.perf_counter()
         tokens = self.execute(step)
-        self.runner.finished(received, unpacked, step)
+        self.runner.finished(received, unpacked, step, waited=not isinstance(tokens, PendingTokens))
         return tokens
 
     def profile(self, action: str, *args: int) -> dict | None:
