@@ -11,6 +11,7 @@ import fault_tools
 from rempd import LLM, SamplingParams
 from rempd.migrate.report import SwitchReport
 from rempd.topology import Topology
+from rempd.worker_pool.pool import WorkerError
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], list(range(20, 57)), [3] * 9, [40, 41], [12, 13, 14, 15, 16, 17]]
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
@@ -144,6 +145,41 @@ def test_live_switch_with_async_tokens(llm):
         set_async(llm, False)
     assert [tokens[f"s{i}"] for i in range(4)] == [r.token_ids for r in reference]
     assert engine.placement.topology == Topology(2, 1)
+
+
+def test_recovery_with_a_step_run_ahead(llm, monkeypatch):
+    """A send that fails with a step run ahead in flight: recovery preempts everything, the sequences recompute,
+    and the tokens are those of a run without either."""
+    engine = llm.engine
+    reference = llm.generate(PROMPTS[:3], GREEDY)
+    set_async(llm, True)
+    try:
+        for i in range(3):
+            engine.add_request(f"f{i}", PROMPTS[i], GREEDY)
+        tokens = {f"f{i}": [] for i in range(3)}
+        for _ in range(4):
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        assert len(engine.in_flight) == 2
+
+        def broken(*args, **kwargs):
+            raise WorkerError(0, "not reachable (test)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.pool, "send_step", broken)
+            for out in engine.step():  # its tokens were in before the send of the next step failed
+                tokens[out.request_id] += out.new_token_ids
+            with pytest.raises(WorkerError, match="not reachable"):
+                engine.step()
+        engine.recover("test")
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+    finally:
+        set_async(llm, False)
+    assert [tokens[f"f{i}"] for i in range(3)] == [r.token_ids for r in reference]
+    blocks = engine.scheduler.blocks
+    assert blocks.num_free == blocks.num_blocks
 
 
 def test_preemption_with_async_tokens(checkpoints, llm):

@@ -9,21 +9,23 @@ import torch
 
 @dataclass
 class PendingTokens:
-    host: torch.Tensor  # pinned; filled by a copy queued behind the step's sampling
-    event: torch.cuda.Event  # recorded after that copy, so waiting on it does not wait for later steps
+    host: torch.Tensor  # pinned on CUDA, filled by a copy queued behind the step's sampling
+    event: torch.cuda.Event | None  # recorded after that copy, so waiting on it does not wait for later steps
 
     def ready(self) -> bool:
-        return self.event.query()
+        return self.event is None or self.event.query()
 
     def value(self) -> list[int]:
-        self.event.synchronize()
+        if self.event is not None:
+            self.event.synchronize()
         return self.host.tolist()
 
 
-def tokens_to_host(tokens: torch.Tensor) -> list[int] | PendingTokens:
-    """The tokens now on a CPU device, else a copy started without waiting for the device."""
+def tokens_to_host(tokens: torch.Tensor) -> PendingTokens:
+    """Start the tokens' copy to the host without waiting for the device (on a CPU device they are there: the
+    worker's reply is deferred all the same, so that CPU runs take the path of GPU ones)."""
     if tokens.device.type != "cuda":
-        return tokens.tolist()
+        return PendingTokens(tokens, None)
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
     host.copy_(tokens, non_blocking=True)
     event = torch.cuda.Event()
