@@ -104,7 +104,8 @@ def main() -> None:
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
               "card": "cpu" if cpu else torch.cuda.get_device_name(int(args.devices)), "prompt": args.prompt,
-              "gen": args.gen, "async_tokens": args.async_tokens, "checkpoint_s": time.perf_counter() - start, "rows": []}
+              "gen": args.gen, "async_tokens": args.async_tokens, "checkpoint_s": time.perf_counter() - start,
+              "rows": []}
     first = "cpu" if cpu else f"cuda:{args.devices}"
     result["hbm_bytes_per_s"] = bandwidth = hbm_bandwidth(first, (64 << 20) if cpu else (1 << 30))
     options = dict(cpu_workers=1) if cpu else dict(devices=[int(args.devices)])

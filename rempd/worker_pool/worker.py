@@ -24,8 +24,8 @@ from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank
 from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
-from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.pending_tokens import PendingTokens, tokens_to_host
+from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.step_runner import StepRunner, use_kernels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
