@@ -37,7 +37,7 @@ PHASES = [("to_engine", "w.done", "e.replied"), ("engine_postprocess", "e.replie
           ("engine_schedule_send", "e+.begin", "e+.sent"), ("to_worker", "e+.sent", "w+.received"),
           ("worker_unpack", "w+.received", "w+.unpacked"), ("worker_pack_copy_launch", "w+.unpacked", "w+.launched"),
           ("worker_wait_gpu_and_sample", "w+.launched", "w+.done"), ("wall", "w.done", "w+.done"),
-          ("outputs", "e+.sent", "e.done")]
+          ("outputs", "e+.sent", "e.done"), ("driver_period", "e.replied", "e+.replied")]
 CHAIN = PHASES[:7]
 
 
@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--skip", type=int, default=8, help="first decode steps left out of the medians")
     ap.add_argument("--trace-steps", type=int, default=16, help="graph steps whose kernels are traced")
+    ap.add_argument("--async-tokens", action="store_true",
+                    help="EngineConfig.async_tokens: each step is sent before the previous one's tokens are in "
+                         "(the worker's 'done' stamp is then its launch, so compare wall and driver_period)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     cpu = args.devices == "cpu"
@@ -101,12 +104,13 @@ def main() -> None:
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
               "card": "cpu" if cpu else torch.cuda.get_device_name(int(args.devices)), "prompt": args.prompt,
-              "gen": args.gen, "checkpoint_s": time.perf_counter() - start, "rows": []}
+              "gen": args.gen, "async_tokens": args.async_tokens, "checkpoint_s": time.perf_counter() - start,
+              "rows": []}
     first = "cpu" if cpu else f"cuda:{args.devices}"
     result["hbm_bytes_per_s"] = bandwidth = hbm_bandwidth(first, (64 << 20) if cpu else (1 << 30))
     options = dict(cpu_workers=1) if cpu else dict(devices=[int(args.devices)])
     with LLM(model, max_num_seqs=max(batches), max_model_len=args.prompt + args.gen + 16,
-             max_num_batched_tokens=4096, **options) as llm:
+             max_num_batched_tokens=4096, async_tokens=args.async_tokens, **options) as llm:
         engine = llm.engine
         vocab = engine.model_config.vocab_size
         run_batch(llm, 1, args.prompt, 4, vocab, (0, 0))  # compiles the prefill kernels
@@ -136,7 +140,9 @@ def print_row(row: dict) -> None:
           f"{row['wall'] - span:.3f} ms; kernels busy {busy:.3f} ms in {kernels.get('kernels_per_step', 0):.0f} "
           f"kernels; medians of {row['steps']} steps ({row['graph_steps']} graph replays)")
     print("  " + " | ".join(f"{name} {row[name]:.3f}" for name, _, _ in CHAIN) +
-          f" (overlapped: outputs {row['outputs']:.3f})")
+          f" (overlapped: outputs {row['outputs']:.3f}); driver period {row['driver_period']:.3f}")
+    # with --async-tokens a step is sent before the previous one's tokens are in: the chain above overlaps itself
+    # (negative phases), and wall, driver_period and the device span are the figures to compare
     if "error" in kernels or kernels.get("kernels_per_step") == 0:
         print(f"  no kernels traced: {kernels.get('error', 'the trace saw no graph kernels')}")
     for k in kernels.get("top", [])[:10]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
 # Writes logs and JSON under $OUT. Usage:
-#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|staged|workload|soak ...
+#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|decode_async|staged|workload|soak ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -38,6 +38,14 @@ for step in "$@"; do
         SHAPE=${SHAPE:-llama2-7b}
         timeout "${LIMIT:-180}" python3 bench/decode_profile.py --shape "$SHAPE" --devices "${DEVICE:-0}" \
             --checkpoints /tmp/remp-checkpoints --out "$OUT/decode_profile_$SHAPE.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
+    decode_async)  # A/B of EngineConfig.async_tokens, one GPU, batch 1 and 64: decode_profile off then on, ~3 min
+        SHAPE=${SHAPE:-llama2-7b}
+        for mode in sync async; do
+            flag=""; [ "$mode" = async ] && flag="--async-tokens"
+            timeout "${LIMIT:-180}" python3 bench/decode_profile.py --shape "$SHAPE" --devices "${DEVICE:-0}" $flag \
+                --checkpoints /tmp/remp-checkpoints --out "$OUT/decode_profile_${SHAPE}_$mode.json" 2>&1 \
+                | grep -v '^\[rank' | tail -12
+        done ;;
     staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run
         timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1}" \

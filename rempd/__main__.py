@@ -53,6 +53,8 @@ def serve(
     switch_in_place: Annotated[Optional[str], _option("--switch-in-place", key="switch_in_place")] = None,
     staging_memory: Annotated[Optional[str], _option("--staging-memory", key="staging_memory")] = None,
     staging_chunk_bytes: Annotated[Optional[str], _option("--staging-chunk-bytes", key="staging_chunk_bytes")] = None,
+    async_tokens: Annotated[Optional[bool], typer.Option("--async-tokens/--no-async-tokens",
+                                                         help=_help("async_tokens"), show_default=False)] = None,
     drain_timeout: Annotated[Optional[float], _option("--drain-timeout", key="drain_timeout")] = None,
     state_dir: Annotated[Optional[str], _option("--state-dir", key="state_dir")] = None,
     policy: Annotated[Optional[str], _option("--policy", key="policy")] = None,

@@ -69,6 +69,8 @@ class DaemonConfig:
                                       "(0: never stage); free device memory on GPUs, the KV budget on CPU if unset")
     staging_chunk_bytes: int | None = _opt(None, optional(parse_size), "most bytes a worker moves between two "
                                            "steps while staging; 256MiB on GPUs, 64KiB on CPU if unset")
+    async_tokens: bool = _opt(EngineConfig.async_tokens, boolean, "at pp = 1, send each decode step before the "
+                              "previous one's tokens reach the host (the workers feed them back on the device)")
     drain_timeout: float = _opt(30.0, strict(float), "seconds running requests may take to finish on SIGTERM")
     state_dir: str = _opt(DEFAULT_STATE_DIR, strict(str), "where rempd keeps state (profiles/ per model and devices)")
     policy: str = _opt("manual", strict(str), "topology policy at start: manual, or auto (needs profiles)")
@@ -158,7 +160,8 @@ class DaemonConfig:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, switch_round_bytes=self.switch_round_bytes,
             switch_mode=self.switch_mode, switch_in_place=self.switch_in_place, staging_memory=self.staging_memory,
-            staging_chunk_bytes=self.staging_chunk_bytes, worker_timeout=self.worker_timeout)
+            staging_chunk_bytes=self.staging_chunk_bytes, worker_timeout=self.worker_timeout,
+            async_tokens=self.async_tokens)
 
 
 def find_config_file(explicit: Path | None, default: Path = DEFAULT_CONFIG_PATH) -> Path | None:

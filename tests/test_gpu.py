@@ -87,6 +87,22 @@ def fp32_reference(llama1b):
         return [o.token_ids for o in llm.generate(PROMPTS, GREEDY_LONG)], llm.engine.score(PROMPTS[3])
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_async_tokens_on_graphs_keep_the_tokens(llama1b, fp32_reference, tp):
+    """async_tokens: decode steps replayed right behind the previous one, their tokens fed back on the device."""
+    need_gpus(tp)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=24, ignore_eos=True)
+    with LLM(llama1b, tp=tp, devices=list(range(tp)), async_tokens=True, **FP32) as llm:
+        out = llm.generate(PROMPTS, GREEDY_LONG)
+        sampled = llm.generate(PROMPTS, seeded)
+        llm.engine.config.async_tokens = False
+        sampled_sync = llm.generate(PROMPTS, seeded)
+        infos = llm.engine.pool.call("info", workers=llm.engine.active)
+    assert [o.token_ids for o in out] == fp32_reference[0]
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in sampled_sync]
+    assert all(i["graph_steps"] > 0 for i in infos), infos
+
+
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (2, 2)])
 def test_kernels_and_graphs_match_the_reference(llama1b, fp32_reference, tp, pp):
     need_gpus(tp * pp)

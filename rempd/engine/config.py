@@ -31,6 +31,9 @@ class EngineConfig:
     switch_in_place: str = "auto"
     attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the kernels only)
+    # at pp = 1, the next decode step is sent before this one's tokens reach the host: the workers feed the
+    # sampled tokens back on the device (engine/scheduler.py "run ahead"), so the GPU does not wait on the host
+    async_tokens: bool = False
 
     @property
     def num_devices(self) -> int:

@@ -173,11 +173,13 @@ class LLMEngine:
         return outputs
 
     def _fill(self) -> None:
-        """Schedule and send batches until pp are in flight."""
+        """Schedule and send batches until pp are in flight (one more with async tokens, at pp = 1 only: a later
+        stage would need the sampled tokens sent back to the first)."""
         pp = self.placement.topology.pp
+        self.scheduler.async_tokens = self.config.async_tokens and pp == 1
         # under pp the running sequences split into pp micro-batches, so that every stage has work
         share = -(-len(self.scheduler.running) // pp) if pp > 1 and self.scheduler.running else None
-        while len(self.in_flight) < pp:
+        while len(self.in_flight) < pp + self.scheduler.async_tokens:
             begin = time.perf_counter()
             batch = self.scheduler.schedule(share)
             if batch is None:
@@ -237,7 +239,7 @@ class LLMEngine:
         outputs = []
         for request_id, request in list(self.requests.items()):
             seq = request.seq
-            seq.in_flight = False
+            seq.in_flight = seq.num_pending = 0
             self.scheduler.finish(seq, "error")
             outputs.append(RequestOutput(request_id, [], "", True, "error", seq.num_prompt_tokens,
                                          seq.num_output_tokens, error=message))

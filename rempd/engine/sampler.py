@@ -14,7 +14,12 @@ def sample_seed(seed: int, index: int) -> int:
 
 def sample(logits: torch.Tensor, specs: list[SampleSpec | None]) -> list[int]:
     """logits: [len(specs), vocab] float32. A None spec is greedy."""
-    tokens = logits.argmax(dim=-1).tolist()
+    return sample_on_device(logits, specs).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, specs: list[SampleSpec | None]) -> torch.Tensor:
+    """sample() without waiting for the device: the tokens as an int64 tensor beside the logits."""
+    tokens = logits.argmax(dim=-1)
     for row, spec in enumerate(specs):
         if spec is None or spec.temperature == 0.0:
             continue
@@ -27,7 +32,8 @@ def sample(logits: torch.Tensor, specs: list[SampleSpec | None]) -> list[int]:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             drop = sorted_probs.cumsum(0) - sorted_probs >= spec.top_p
-            probs = probs.scatter(0, order[drop], 0.0)
+            # every entry written back (the dropped ones as 0): a boolean index would wait for the device
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
         generator = torch.Generator(device=logits.device).manual_seed(sample_seed(spec.seed, spec.index))
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generator))
+        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
     return tokens

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.sequence import Sequence, SequenceStatus
@@ -14,16 +14,20 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     sent_stamps: tuple[float, float] = (0.0, 0.0)  # perf_counter when the driver began scheduling it, and sent it
+    starts: list[int] = field(default_factory=list)  # position of each sequence's first new token
+    sampling: list[bool] = field(default_factory=list)  # whether its step ends on its last token, so gets a new one
+    ahead: list[bool] = field(default_factory=list)  # a decode of a token an in-flight step samples (async tokens)
 
     def samplers(self) -> list[Sequence]:
-        """Sequences whose step ends on their last token, so they get a new one."""
-        return [s for s, n in zip(self.seqs, self.num_new_tokens) if s.num_computed + n == s.num_tokens]
+        return [s for s, sampled in zip(self.seqs, self.sampling) if sampled]
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...] = ()):
         self.blocks = blocks
+        # run ahead: a sequence whose in-flight step samples may decode that token in the next step already
+        self.async_tokens = False
         self.eos_token_ids = eos_token_ids
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -46,7 +50,12 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if budget == 0 or (max_seqs is not None and len(batch.seqs) >= max_seqs):
                 break
-            if seq.in_flight or seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if seq.in_flight:
+                if self._can_run_ahead(seq):
+                    self._take(batch, seq, 1, ahead=True)
+                    budget -= 1
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_hold(seq, seq.num_computed + n):
@@ -68,11 +77,27 @@ class Scheduler:
             budget -= n
         return batch if batch.seqs else None
 
-    def _take(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
-        self.blocks.grow(seq, seq.num_computed + n)
-        seq.in_flight = True
+    def _can_run_ahead(self, seq: Sequence) -> bool:
+        """Its one step in flight samples a token, and that token surely does not end it by length (EOS and stop
+        may still end it: the step run ahead is then wasted, and its token dropped)."""
+        if not (self.async_tokens and seq.in_flight == 1 and seq.num_pending == 1):
+            return False
+        total = seq.num_tokens + 1
+        if seq.num_output_tokens + 1 >= seq.params.max_tokens or total >= self.max_model_len:
+            return False
+        return self.blocks.can_hold(seq, total)  # never preempts: the sequence can wait one step instead
+
+    def _take(self, batch: ScheduledBatch, seq: Sequence, n: int, ahead: bool = False) -> None:
+        start = seq.num_tokens + seq.num_pending - 1 if ahead else seq.num_computed
+        self.blocks.grow(seq, start + n)
+        sampling = ahead or start + n == seq.num_tokens
+        seq.in_flight += 1
+        seq.num_pending += sampling
         batch.seqs.append(seq)
         batch.num_new_tokens.append(n)
+        batch.starts.append(start)
+        batch.sampling.append(sampling)
+        batch.ahead.append(ahead)
 
     def _preempt_youngest(self, batch: ScheduledBatch, keep: Sequence) -> bool:
         candidates = [s for s in self.running if s is not keep and not s.in_flight and s not in batch.seqs]
@@ -86,7 +111,7 @@ class Scheduler:
         self.blocks.release(seq)
         self.running.remove(seq)
         seq.num_computed = 0
-        seq.in_flight = False  # a step still in flight for it (cut short by a worker failure) is forgotten
+        seq.in_flight = seq.num_pending = 0  # steps still in flight for it (cut short by a failure) are forgotten
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preempted += 1
@@ -94,12 +119,13 @@ class Scheduler:
         self.waiting.insert(index, seq)
 
     def step_input(self, batch: ScheduledBatch) -> StepInput:
-        step = StepInput([], [], [], [], [], [], [], [])
+        step = StepInput([], [], [], [], [], [], [], [], feedback=self.async_tokens)
         bs = self.blocks.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
+        for seq, n, start, sampling, ahead in zip(batch.seqs, batch.num_new_tokens, batch.starts, batch.sampling,
+                                                  batch.ahead):
+            end = start + n
             if n == 1:  # a decode; the general form below costs a slice, a range and a list per token
-                step.token_ids.append(seq.token_ids[start])
+                step.token_ids.append(-seq.sample_row - 1 if ahead else seq.token_ids[start])
                 step.positions.append(start)
                 step.slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
             else:
@@ -109,9 +135,10 @@ class Scheduler:
             step.query_lens.append(n)
             step.context_lens.append(end)
             step.block_tables.append(seq.block_table[:-(-end // bs)])
-            if end == len(seq.token_ids):
+            if sampling:
+                seq.sample_row = len(step.samples)
                 step.sample_indices.append(len(step.token_ids) - 1)
-                step.samples.append(seq.sample_spec())
+                step.samples.append(seq.sample_spec(ahead=seq.num_pending - 1))
         return step
 
     def postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
@@ -119,10 +146,11 @@ class Scheduler:
         samplers = batch.samplers()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
-            seq.in_flight = False
+            seq.in_flight -= 1
         updated = []
         for seq, token in zip(samplers, tokens):
-            if seq.is_finished:  # aborted while its step ran
+            seq.num_pending -= 1
+            if seq.is_finished:  # aborted while its step ran, or ended by the step before (run ahead)
                 continue
             seq.token_ids.append(token)
             updated.append(seq)
@@ -130,7 +158,7 @@ class Scheduler:
             if reason:
                 self.finish(seq, reason)
         for seq in batch.seqs:
-            if seq.is_finished and seq.block_table:
+            if seq.is_finished and seq.block_table and not seq.in_flight:
                 self.blocks.release(seq)
         return updated
 

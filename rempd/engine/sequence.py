@@ -27,7 +27,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    in_flight: bool = False  # part of a step the workers have not finished
+    in_flight: int = 0  # steps the workers have not finished that it is part of
+    num_pending: int = 0  # tokens those steps sample that are not in token_ids yet (async tokens)
+    sample_row: int = -1  # its row among the sampled tokens of the last step sent that samples for it
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
@@ -53,9 +55,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def sample_spec(self) -> SampleSpec | None:
-        """None for greedy decoding: the argmax needs no parameters, and None costs nothing to send."""
+    def sample_spec(self, ahead: int = 0) -> SampleSpec | None:
+        """None for greedy decoding: the argmax needs no parameters, and None costs nothing to send. `ahead`:
+        tokens sampled before this one that are not in token_ids yet."""
         p = self.params
         if p.temperature == 0.0:
             return None
-        return SampleSpec(p.temperature, p.top_k, p.top_p, self.seed, self.num_output_tokens)
+        return SampleSpec(p.temperature, p.top_k, p.top_p, self.seed, self.num_output_tokens + ahead)

@@ -23,6 +23,9 @@ class StepInput:
     block_tables: list[list[int]]
     sample_indices: list[int]  # rows of the step whose logits are sampled (the last token of a finished prefill or a decode)
     samples: list[SampleSpec | None]  # one per sampled row; None: greedy
+    # async tokens: the workers keep this step's sampled tokens on the device, and a token id -k-1 stands for
+    # the k-th token the previous step sampled (its value is not on the host yet when this step is sent)
+    feedback: bool = False
 
     @property
     def num_tokens(self) -> int:

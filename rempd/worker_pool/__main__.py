@@ -9,7 +9,10 @@ from multiprocessing.connection import Client
 
 import torch
 
+from rempd.worker_pool.pending_tokens import PendingTokens
 from rempd.worker_pool.worker import Worker, WorkerSetup
+
+PENDING_POLL_S = 0.0002  # how often a worker with a pending reply checks whether its tokens are in
 
 
 def _die_with_parent() -> None:
@@ -35,18 +38,39 @@ def worker_main(address: str) -> None:
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
+    pending: PendingTokens | None = None  # a step's reply whose tokens the device is still computing
     while True:
+        # async tokens: the next step usually arrives before the pending tokens are in; it is launched first,
+        # right behind them on the device, and then they are sent
+        while pending is not None and not conn.poll(PENDING_POLL_S):
+            if pending.ready():
+                pending = _reply(conn, pending)
         try:
             method, args = conn.recv()
         except EOFError:
             break
+        if pending is not None and method != "execute_shared":
+            pending = _reply(conn, pending)  # replies go in the order of the calls
         try:
             result = getattr(worker, method)(*args)
-            conn.send(("ok", result))
         except Exception:
+            pending = _reply(conn, pending)
             conn.send(("error", traceback.format_exc()))
+        else:
+            pending = _reply(conn, pending)
+            if isinstance(result, PendingTokens):
+                pending = result
+            else:
+                conn.send(("ok", result))
         if method == "shutdown":
             break
+
+
+def _reply(conn, pending: PendingTokens | None) -> None:
+    """Send a pending reply, once its tokens are on the host; returns the new (no) pending reply."""
+    if pending is not None:
+        conn.send(("ok", pending.value()))
+    return None
 
 
 worker_main(sys.argv[1])

@@ -17,6 +17,7 @@ import torch
 
 from rempd.engine.step_input import StepInput
 from rempd.model.llama import LlamaStage
+from rempd.worker_pool.pending_tokens import feed_back
 from rempd.worker_pool.step_tensors import StepLayout
 
 log = logging.getLogger("rempd.graphs")
@@ -110,14 +111,18 @@ class DecodeGraphs:
             return None
         return self.bucket_of(n)
 
-    def run(self, size: int, step: StepInput, hidden: torch.Tensor | None) -> torch.Tensor:
+    def run(self, size: int, step: StepInput, hidden: torch.Tensor | None,
+            last_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the bucket's graph on `step`; returns the rows of the real sequences (a view of the static
-        output, valid until the next replay)."""
+        output, valid until the next replay). `last_tokens`: the previous step's samples, for the step's
+        negative token ids (StepInput.feedback)."""
         if size not in self.graphs:
             self._capture(size)
             self.lazy_captures += 1
         entry, n = self.graphs[size], len(step.query_lens)
         entry.flat.copy_(torch.from_numpy(entry.layout.pack(step)), non_blocking=True)
+        if last_tokens is not None:
+            feed_back(entry.flat[:n], last_tokens)
         if entry.hidden is not None:
             entry.hidden[:n].copy_(hidden)
         entry.graph.replay()

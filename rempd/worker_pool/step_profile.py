@@ -21,6 +21,8 @@ class StepProfile:
     traced: int = 0
     kernels: dict | None = None
     _events: tuple | None = field(default=None, repr=False)
+    # (log row, start, end) of steps whose output was not waited for (async tokens): read once, at the end
+    _unread: list = field(default_factory=list, repr=False)
     _tracer: object = field(default=None, repr=False)
 
     def before(self, graph: bool) -> None:
@@ -40,11 +42,15 @@ class StepProfile:
         if self._events is not None:
             self._events[1].record()
 
-    def finished(self, graph: bool) -> float:
+    def finished(self, graph: bool, row: int | None = None) -> float:
         """The step's output was waited for: milliseconds on the device from before() to its last kernel (NaN off
-        CUDA)."""
+        CUDA). `row`: it was not (async tokens), and waiting here would stall the next step; its span is read by
+        unread_spans() instead, for this row of the log (NaN now)."""
         ms = math.nan
-        if self._events is not None:
+        if self._events is not None and row is not None:
+            self._unread.append((row, *self._events))
+            self._events = None
+        elif self._events is not None:
             start, end = self._events
             end.synchronize()
             ms, self._events = start.elapsed_time(end), None
@@ -53,6 +59,15 @@ class StepProfile:
             if self.traced == self.trace_steps:
                 self._stop_trace()
         return ms
+
+    def unread_spans(self) -> dict[int, float]:
+        """Log row → device milliseconds of the steps finished without waiting."""
+        spans = {}
+        for row, start, end in self._unread:
+            end.synchronize()
+            spans[row] = start.elapsed_time(end)
+        self._unread.clear()
+        return spans
 
     def _start_trace(self) -> None:
         # attached after the graphs were captured: CUPTI still reports the kernels of their replays (a profiler

@@ -13,6 +13,7 @@ from rempd.model.attention import AttentionMetadata
 from rempd.model.llama import LlamaStage
 from rempd.model.paged_attention import kernels_available
 from rempd.worker_pool.cuda_graphs import DecodeGraphs
+from rempd.worker_pool.pending_tokens import feed_back
 from rempd.worker_pool.step_profile import StepProfile
 from rempd.worker_pool.step_tensors import to_device
 
@@ -36,6 +37,7 @@ class StepRunner:
         self.log = StepLog(("received", "unpacked", "launched", "done"), ("seqs", "tokens", "graph", "gpu_ms"))
         self.profile: StepProfile | None = None
         self.launched, self.replayed = 0.0, False
+        self.last_tokens: torch.Tensor | None = None  # the last step's sampled tokens, kept for async tokens
 
     def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
                 graphs: bool = True) -> tuple[torch.Tensor, bool]:
@@ -44,8 +46,13 @@ class StepRunner:
         bucket = self.graphs.bucket_for(step) if graphs and self.graphs is not None else None
         if self.profile is not None:
             self.profile.before(graph=bucket is not None)
+        # a step sent before the previous one's tokens reached the host reads them here, on the device
+        reads_back = step.feedback and stage.is_first and min(step.token_ids) < 0
+        if reads_back and self.last_tokens is None:
+            raise RuntimeError("a step reads the previous step's tokens, but no step sampled any here")
+        last = self.last_tokens if reads_back else None
         if bucket is not None:
-            out = self.graphs.run(bucket, step, hidden)
+            out = self.graphs.run(bucket, step, hidden, last)
             self.graph_steps += 1
         else:
             if self.kernels:
@@ -55,6 +62,8 @@ class StepRunner:
                                                step.context_lens, kv.shape[3], self.device)
                 ids, positions, samples = (torch.tensor(x, dtype=torch.long, device=self.device)
                                            for x in (step.token_ids, step.positions, step.sample_indices))
+            if last is not None:
+                feed_back(ids, last)
             out = stage(ids if stage.is_first else hidden, positions, kv, meta, samples)
         if self.profile is not None:
             self.profile.after()
@@ -62,9 +71,12 @@ class StepRunner:
         self.launched, self.replayed = time.perf_counter(), bucket is not None
         return out, bucket is not None
 
-    def finished(self, received: float, unpacked: float, step: StepInput) -> None:
-        """A step driven through the step channel is done: log its stamps."""
-        gpu_ms = self.profile.finished(self.replayed) if self.profile is not None else math.nan
+    def finished(self, received: float, unpacked: float, step: StepInput, waited: bool = True) -> None:
+        """A step driven through the step channel is done: log its stamps. `waited`: false when its tokens are
+        still on their way (async tokens): then "done" is when it was launched."""
+        gpu_ms = math.nan
+        if self.profile is not None:
+            gpu_ms = self.profile.finished(self.replayed, None if waited else len(self.log.rows))
         self.log.add(received, unpacked, self.launched, time.perf_counter(), len(step.query_lens), step.num_tokens,
                      self.replayed, gpu_ms)
 
@@ -75,7 +87,12 @@ class StepRunner:
             self.log.clear()
             self.profile = StepProfile(self.device, trace_after, trace_steps)
             return None
-        kernels = self.profile.close() if self.profile is not None else None
+        kernels = None
+        if self.profile is not None:
+            for row, ms in self.profile.unread_spans().items():
+                if row < len(self.log.rows):
+                    self.log.rows[row] = (*self.log.rows[row][:-1], ms)  # gpu_ms is the row's last value
+            kernels = self.profile.close()
         self.profile = None
         return {"steps": self.log.to_dicts(), "kernels": kernels}
 

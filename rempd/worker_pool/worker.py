@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from rempd.engine.kv_cache import KVShape, kv_budget_bytes
-from rempd.engine.sampler import sample
+from rempd.engine.sampler import sample, sample_on_device
 from rempd.engine.step_input import StepInput
 from rempd.model.config import ModelConfig
 from rempd.model.layers import TensorParallel
@@ -24,6 +24,7 @@ from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank
 from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
+from rempd.worker_pool.pending_tokens import PendingTokens, tokens_to_host
 from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.step_runner import StepRunner, use_kernels
 
@@ -127,23 +128,25 @@ class Worker:
     def release(self) -> None:
         self._wait_sends()
         self.runner.drop_graphs(staged=True)
+        self.runner.last_tokens = None
         self.stage = self.kv = self.kv_shape = self.kv_buffer = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def execute_shared(self, ref: tuple[int, int] | bytes) -> list[int] | None:
+    def execute_shared(self, ref: tuple[int, int] | bytes) -> list[int] | PendingTokens | None:
         """execute() of a step the driver wrote to the shared-memory channel; the step's times go to the log."""
         received = time.perf_counter()
         step = self.channel.read(ref)
         unpacked = time.perf_counter()
         tokens = self.execute(step)
-        self.runner.finished(received, unpacked, step)
+        self.runner.finished(received, unpacked, step, waited=not isinstance(tokens, PendingTokens))
         return tokens
 
     def profile(self, action: str, *args: int) -> dict | None:
         return self.runner.profile_command(action, *args)
 
-    def execute(self, step: StepInput, return_logits: bool = False) -> list[int] | torch.Tensor | None:
+    def execute(self, step: StepInput, return_logits: bool = False
+                ) -> list[int] | PendingTokens | torch.Tensor | None:
         if self.stage is None:
             return None
         stage, placement, dev = self.stage, self.placement, self.device
@@ -160,6 +163,11 @@ class Worker:
             out = out.clone() if replayed else out
             self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world))
             return None
+        if step.feedback and step.samples:
+            # every rank samples (the logits are gathered, so all draw the same tokens) and keeps them on the
+            # device: the next step, already on its way, embeds them before they reach the host
+            tokens = self.runner.last_tokens = sample_on_device(out, step.samples)
+            return tokens_to_host(tokens) if tp_rank == 0 else None
         if tp_rank != 0:
             return None
         if return_logits:
