@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-machine call: carried wheels, GPU tests, then the benchmarks named in $BENCH (default: all).
+# One device-machine call: install the carried wheels, then run the steps named as arguments, in order.
 # Writes logs and JSON under $OUT. Usage:
 #   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|decode_async|staged|workload|soak ...
 set -uo pipefail
@@ -17,7 +17,7 @@ for step in "$@"; do
     tests)
         timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider \
             ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    inplace)  # layer-ordered switches on 4 GPUs: memory below old + new, as plan priced, tokens exact (~1-2 min)
+    inplace)  # layer-ordered switches on 2 or 4 GPUs: memory below old + new, as plan priced, tokens exact (~1-2 min)
         timeout 300 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider -k layer_ordered 2>&1 \
             | tee "$OUT/gpu_inplace.log" ;;
     checkpoint)  # write the checkpoint of SHAPE once, for later calls on the same warm machine (70B: 138 GB)
