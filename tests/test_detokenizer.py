@@ -95,12 +95,14 @@ def test_stop_strings(tok: Tokenizer, text: str, cuts: list[int], data: st.DataO
         st.integers(0, len(text)).flatmap(lambda i: st.just(text[i:i + 3]))), max_size=3))
     ids = data.draw(st.sampled_from([_byte_ids(tok, text), tok.encode(text, add_special_tokens=False)]))
     detok, deltas = _run(tok, ids, cuts, stop=stops)
-    hits = [(text.find(s), s) for s in stops if s and s in text]
-    expected = text[:min(hits)[0]] if hits else text
+    # cut before the stop string completed first, however the tokens were grouped into chunks
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stops if s and s in text]
+    expected = text[:min(hits)[1]] if hits else text
     assert "".join(deltas) == detok.text == expected
     assert detok.stopped == bool(hits)
     if hits:
-        assert detok.stop_reason in stops and text.find(detok.stop_reason) == min(hits)[0]
+        reason = detok.stop_reason
+        assert reason in stops and (text.find(reason) + len(reason), text.find(reason)) == min(hits)
 
 
 def test_stop_prefix_is_held_then_released(tok: Tokenizer) -> None:
@@ -146,3 +148,12 @@ def test_sentencepiece_style_leading_space_kept(tmp_path: Path) -> None:
     sp = Tokenizer(backend)
     detok = IncrementalDetokenizer(sp, [1], [])
     assert detok.add([2]) + detok.flush() == " world"
+
+
+def test_the_stop_string_completed_first_wins_however_tokens_are_grouped(tok: Tokenizer) -> None:
+    # found by hypothesis: "aéa" starts before "é" but completes after it; streaming one token at a time
+    # stops at "é", so a single chunk of all the tokens must too
+    ids = _byte_ids(tok, "aéaaé😀")
+    for cuts in ([], list(range(len(ids))), [3], [1, 4]):
+        detok, deltas = _run(tok, ids, cuts, stop=["é", "aéa"])
+        assert "".join(deltas) == detok.text == "a" and detok.stop_reason == "é", cuts

@@ -1,4 +1,4 @@
-"""Turns a request's generated token ids into text deltas, cut at the first stop string."""
+"""Turns a request's generated token ids into text deltas, cut before the first stop string completed."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,7 +17,7 @@ class IncrementalDetokenizer:
     Two kinds of text are held back: the bytes of a UTF-8 character that is not complete yet (the
     decode of the window ends in U+FFFD), and a tail that could be the start of a stop string.
     For a byte-level tokenizer the concatenated deltas plus flush() equal
-    tokenizer.decode(generated ids) cut before the first stop string.
+    tokenizer.decode(generated ids) cut before the stop string that is completed first.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
@@ -79,14 +79,16 @@ class IncrementalDetokenizer:
         return out
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:
-        # Held-back text never contains a whole stop string, and nothing already returned can be
-        # the start of one, so the earliest match in `text` is the earliest in the whole output.
-        best: tuple[int, str] | None = None
+        # Generation stops at the stop string completed first, as a stream of single characters would
+        # see it: the earliest-ending match (then the earliest-starting), so the cut does not depend on
+        # how tokens were grouped. Held-back text never contains a whole stop string, and nothing
+        # already returned can be the start of one, so matches in `text` are all there are.
+        best: tuple[int, int, str] | None = None
         for s in self.stop:
             index = text.find(s)
-            if index >= 0 and (best is None or index < best[0]):
-                best = (index, s)
-        return best
+            if index >= 0 and (best is None or (index + len(s), index) < best[:2]):
+                best = (index + len(s), index, s)
+        return None if best is None else (best[1], best[2])
 
     def _stop_prefix_len(self, text: str) -> int:
         """Length of the longest tail of text that is a proper prefix of some stop string."""
