@@ -27,8 +27,8 @@ from rempd.topology import Topology
 
 
 def parse_topology(name: str) -> tuple[int, int]:
-    tp, pp = name.upper().removeprefix("TP").split("PP")
-    return int(tp), int(pp)
+    topology = Topology.parse(name)
+    return topology.tp, topology.pp
 
 
 def hbm_bandwidth(device: str, size: int) -> float:

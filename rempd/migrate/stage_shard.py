@@ -29,7 +29,7 @@ class ShardStaging:
         self.old_weights = worker.stage.named_weights() if worker.stage is not None else {}
         self.old_rows = geo.holdings(self.old_shard) if self.old_shard else {}
         self.new_rows = geo.holdings(self.new_shard) if self.new_shard else {}
-        self.rows = {name: torch.empty(b - a, *self._row_shape(name), dtype=worker.dtype, device=worker.device)
+        self.rows = {name: torch.empty(b - a, *self.worker.row_shape(name), dtype=worker.dtype, device=worker.device)
                      for name, (a, b) in self.new_rows.items()}
         self.precopy: list[dict[int, torch.Tensor]] = []  # per chunk: KV piece index → [layers, 2, n, ...]
         self.stage = None
@@ -38,9 +38,6 @@ class ShardStaging:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
-
-    def _row_shape(self, name: str) -> tuple:
-        return tuple(self.worker.store.entry(name).shape[1:])
 
     def _target(self, piece: WeightPiece) -> torch.Tensor:
         start = self.new_rows[piece.name][0]
@@ -86,7 +83,7 @@ class ShardStaging:
         keys = [("w", i) for i, p in enumerate(plan.weights) if p.source == "peer"]
         keys += [("kv", i) for i, p in enumerate(plan.kv) if p.source == "peer"]
         requests, received = post_round(plan, keys, self.me, self.old_weights, self.old_rows, packed,
-                                        self._kv_shape_of(len(blocks)), self._row_shape, worker.dtype,
+                                        self._kv_shape_of(len(blocks)), self.worker.row_shape, worker.dtype,
                                         worker.device, self.times, worker.world)
         for request in requests:
             request.wait()
@@ -125,7 +122,7 @@ class ShardStaging:
 
         members = self.plan.new.tp_group(shard.pp_rank)
         tp = TensorParallel(shard.tp, shard.tp_rank, worker.groups.get(members), members)
-        source = WeightSource(fill, self._row_shape, worker.dtype, worker.device)
+        source = WeightSource(fill, self.worker.row_shape, worker.dtype, worker.device)
         self.stage = LlamaStage(worker.setup.model, shard.layers, shard.is_first, shard.is_last, tp, source,
                                 self.max_len, worker.device)
 

@@ -11,10 +11,10 @@ import mmap
 import os
 import pickle
 import secrets
-from pathlib import Path
 from typing import Any
 
-SHM_DIR = Path("/dev/shm")
+from rempd.shm_store.segments import SHM_DIR
+
 MAX_IN_FLIGHT = 16
 
 
