@@ -1,6 +1,7 @@
 """Helpers for the tests of a real daemon: its status, health, metrics and switches, its children and shared memory."""
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 
 def client(daemon, key: str = "none") -> OpenAI:
@@ -33,6 +34,30 @@ def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
     while (report := ctl.get(f"/v1/switches/{response.json()['id']}").json())["state"] == "running":
         time.sleep(0.01)
     return report
+
+
+async def stream_through_switches(daemon, targets: list[dict], prompts: list[str],
+                                  max_tokens: int) -> tuple[list[str], list[dict]]:
+    """Stream every prompt greedily (openai client); once every stream has a few chunks, run the switches one
+    after another. The streamed texts, and each switch's final report."""
+    client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
+    chunks: list[list[str]] = [[] for _ in prompts]
+
+    async def one(i: int) -> str:
+        stream = await client.completions.create(model=daemon.model_name, prompt=prompts[i], max_tokens=max_tokens,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        async for event in stream:
+            chunks[i].append(event.choices[0].text)
+        return "".join(chunks[i])
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
+    while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
+        await asyncio.sleep(0.005)
+    with daemon.control() as ctl:
+        ids = [(await asyncio.to_thread(switch, ctl, **target))["id"] for target in targets]
+        texts = list(await asyncio.gather(*tasks))
+        # read the reports again once the streams are done: the serving pause closes at the first token after
+        return texts, [ctl.get(f"/v1/switches/{switch_id}").json() for switch_id in ids]
 
 
 def health(daemon) -> int | None:

@@ -5,7 +5,6 @@ switch through pp = 2 (where it is off) and back."""
 import asyncio
 
 import pytest
-from openai import AsyncOpenAI
 
 import fault_tools
 from rempd import LLM, SamplingParams
@@ -198,32 +197,13 @@ def test_preemption_with_async_tokens(checkpoints, llm):
         assert blocks.num_free == blocks.num_blocks
 
 
-async def stream_with_switches(daemon, prompts: list[str], max_tokens: int, targets: list[tuple[int, int]]) -> list:
-    client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
-    chunks: list[list[str]] = [[] for _ in prompts]
-
-    async def one(i: int) -> str:
-        stream = await client.completions.create(model=daemon.model_name, prompt=prompts[i], max_tokens=max_tokens,
-                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
-        async for event in stream:
-            chunks[i].append(event.choices[0].text)
-        return "".join(chunks[i])
-
-    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
-    while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
-        await asyncio.sleep(0.005)
-    with daemon.control() as ctl:
-        for tp, pp in targets:
-            report = await asyncio.to_thread(fault_tools.switch, ctl, tp, pp, mode="stop_the_world")
-            assert report["state"] == "committed", report
-        return list(await asyncio.gather(*tasks))
-
-
 def test_daemon_streams_through_live_switches_with_async_tokens(checkpoints, llm, start_daemon):
     """`rempd serve --async-tokens`, streamed through the official client across TP2 → TP1PP2 → TP2: the texts of
     an engine without async tokens and without a switch."""
     prompts = [f"Stream {i} says: " + "lorem ipsum dolor " * (i + 1) for i in range(4)]
     reference = [o.text for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))]
     daemon = start_daemon(checkpoints["tiny-llama"], tp=2, workers=2, extra=["--async-tokens"])
-    texts = asyncio.run(stream_with_switches(daemon, prompts, 60, [(1, 2), (2, 1)]))
+    targets = [{"tp": 1, "pp": 2, "mode": "stop_the_world"}, {"tp": 2, "pp": 1, "mode": "stop_the_world"}]
+    texts, reports = asyncio.run(fault_tools.stream_through_switches(daemon, targets, prompts, 60))
+    assert all(report["state"] == "committed" for report in reports), reports
     assert texts == reference

@@ -27,17 +27,19 @@ def make_step(query_lens: list[int], context_lens: list[int], block_size: int, n
     return tables, slots
 
 
-@pytest.mark.parametrize("query_lens, context_lens, heads, kv_heads", [
+KERNEL_CASES = [
     ([1, 1, 1], [1, 17, 40], 4, 2),  # decode, GQA
     ([5, 1, 23], [5, 30, 70], 4, 4),  # prefill, decode and a chunk on top of cached context
     ([7, 1], [20, 33], 6, 1),  # replicated KV head: a group of 6 (not a power of two)
     ([1, 1, 1, 1], [300, 5, 129, 128], 6, 2),  # split-KV decode: 3 splits of 128 keys, contexts at their edges
-])
-@pytest.mark.parametrize("split_kv", [True, False])
+]
+
+
+# decode steps also with split-KV off; a step with prefill never splits, so it runs once
+@pytest.mark.parametrize("query_lens, context_lens, heads, kv_heads, split_kv", [
+    (*case, split) for case in KERNEL_CASES for split in ([True, False] if max(case[0]) == 1 else [True])])
 def test_kernels_match_reference(query_lens, context_lens, heads, kv_heads, split_kv, monkeypatch):
     if not split_kv:
-        if max(query_lens) > 1:
-            pytest.skip("prefill never splits")
         monkeypatch.setenv("REMPD_SPLIT_KV", "0")
     torch.manual_seed(0)
     head_dim, block_size, num_blocks, dtype = 16, 16, 48, torch.float32

@@ -5,7 +5,7 @@ import time
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 
 import fault_tools
 
@@ -35,25 +35,8 @@ def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
 
 async def stream_through_switches(daemon, targets: list[dict], prompts: list[str] = PROMPTS,
                                   max_tokens: int = MAX_TOKENS) -> tuple[list[str], list[dict]]:
-    """Stream every prompt; after every stream has a few chunks, run the switches one after another."""
-    client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
-    chunks: list[list[str]] = [[] for _ in prompts]
-
-    async def one(i: int) -> str:
-        stream = await client.completions.create(model=daemon.model_name, prompt=prompts[i], max_tokens=max_tokens,
-                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
-        async for event in stream:
-            chunks[i].append(event.choices[0].text)
-        return "".join(chunks[i])
-
-    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
-    while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
-        await asyncio.sleep(0.005)
-    with daemon.control() as ctl:
-        ids = [(await asyncio.to_thread(switch, ctl, **target))["id"] for target in targets]
-        texts = list(await asyncio.gather(*tasks))
-        # read the reports again once the streams are done: the serving pause closes at the first token after
-        return texts, [ctl.get(f"/v1/switches/{switch_id}").json() for switch_id in ids]
+    return await fault_tools.stream_through_switches(daemon, [{"mode": "stop_the_world", **t} for t in targets],
+                                                     prompts, max_tokens)
 
 
 def preempted(daemon) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from rempd.engine.graph_warmup import capture_graphs
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import SwitchTransaction
@@ -55,7 +56,7 @@ def calibrate(engine) -> None:
     # the switch dropped the decode graphs: one bucket's capture, its kernels compiled by install's, prices a
     # switch's (per layer of a stage); then every bucket again, ready for the first requests
     layers = max(len(r) for r in stage_layers(engine.model_config.num_layers, engine.placement.topology.pp))
-    engine.links.graph_seconds_per_layer = engine.warm_up([1]) / layers
-    engine.warm_up()
+    engine.links.graph_seconds_per_layer = capture_graphs(engine, [1]) / layers
+    capture_graphs(engine)
     log.info("calibration switch: %.3f s, %.3f s of it fixed cost", report.total_seconds,
              engine.links.fixed_seconds)

@@ -12,6 +12,7 @@ import torch
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
+from rempd.engine.graph_warmup import capture_graphs
 from rempd.engine.links import calibrate, measure_links, warm_links
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
@@ -96,7 +97,7 @@ class LLMEngine:
             raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
         self.pool.call("allocate_kv", num_blocks)
         self.placement = placement
-        self.warm_up()
+        capture_graphs(self)
         blocks = BlockManager(num_blocks, config.block_size)
         if not hasattr(self, "scheduler"):
             # the context length is fixed for the daemon's life; a switch must give every topology room for it
@@ -105,27 +106,6 @@ class LLMEngine:
                                        self.max_model_len, cfg.eos_token_ids)
         else:
             self.scheduler.blocks = blocks
-
-    def warm_up(self, batch_sizes: list[int] | None = None) -> float:
-        """Capture the decode CUDA graphs of the installed placement: every bucket after install, the buckets of
-        `batch_sizes` at a switch's commit (the rest on first use). Seconds of the slowest worker."""
-        seconds = 0.0
-        if self.config.cuda_graphs and not self.config.is_cpu:
-            seconds = max(self.pool.call("capture_graphs", self.config.max_num_seqs, batch_sizes,
-                                         workers=self.active))
-        self.shard_infos = self.pool.call("info")
-        return seconds
-
-    def capture_live_graphs(self) -> float:
-        """At a switch's commit: the graphs of the batch that runs next; the placement is the new one."""
-        return self.warm_up(self.live_batch_sizes(self.placement.topology.pp))
-
-    def live_batch_sizes(self, pp: int) -> list[int]:
-        """The decode batch sizes the running sequences make under `pp` stages: micro-batches of an even share
-        (see step)."""
-        n = len(self.scheduler.running)
-        share = -(-n // pp) if n else 0
-        return [min(share, n - start) for start in range(0, n, share)] if n else []
 
     @property
     def active(self) -> list[int]:

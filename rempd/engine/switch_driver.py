@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Callable
 
+from rempd.engine.graph_warmup import live_buckets
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import RequestOutput
 from rempd.migrate.predict import plan_summary, pool_bytes
@@ -43,7 +44,7 @@ class SwitchDriver:
         num_blocks, kept = choose_pool(engine, plan, check_capacity(engine, plan))
         geo = ModelGeometry(engine.model_config, engine.template.dtype)
         fresh_pool = 0 if kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
-        buckets = len(set(engine.live_batch_sizes(plan.new.topology.pp)))
+        buckets = live_buckets(engine, plan.new.topology.pp)
         summary = plan_summary(plan, engine.links, new_groups(engine, plan), fresh_pool, buckets)
         return summary | {"kv_pool_kept": kept}
 

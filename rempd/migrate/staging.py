@@ -8,6 +8,7 @@ import time
 from collections import deque
 
 from rempd.engine.block_manager import BlockManager
+from rempd.engine.graph_warmup import capture_live_graphs, live_batch_sizes
 from rempd.migrate.delta import CutLayout, PrecopyLedger
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
@@ -187,7 +188,7 @@ class StagedSwitch:
         engine = self.engine
         kept = self._kept_pool() if self.is_cuda and engine.config.cuda_graphs else 0
         if kept:
-            sizes = engine.live_batch_sizes(self.plan.new.topology.pp)
+            sizes = live_batch_sizes(engine, self.plan.new.topology.pp)
             seconds = engine.pool.call("staged", "graphs", kept, engine.config.max_num_seqs, sizes,
                                        workers=list(self.plan.new.workers))
             self.report.transform_detail["graph_precapture"] = max(seconds)
@@ -201,7 +202,7 @@ class StagedSwitch:
         engine.scheduler.blocks = blocks
         engine.placement = self.plan.new
         # graphs bake in the pool's address: those captured while staging hold when the pool was kept
-        self.report.transform_detail["graph_capture"] = engine.capture_live_graphs()
+        self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
         self.committed = True
 
     def _fail(self, exc: Exception) -> None:

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
+from rempd.engine.graph_warmup import capture_live_graphs, live_buckets
 from rempd.migrate.layer_steps import Step, layer_steps
 from rempd.migrate.plan import SwitchPlan, plan_switch
 from rempd.migrate.predict import LinkSpeeds, pool_bytes, predict
@@ -158,7 +159,7 @@ class SwitchTransaction:
             report.in_place = plan.in_place
             geo = ModelGeometry(engine.model_config, engine.template.dtype)
             fresh_pool = 0 if report.kv_pool_kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
-            buckets = len(set(engine.live_batch_sizes(plan.new.topology.pp)))
+            buckets = live_buckets(engine, plan.new.topology.pp)
             report.predicted = predict(plan, self.links, new_groups(engine, plan), fresh_pool, buckets)
             report.requests_live = len(live)
             self._leave("quiesce", start)
@@ -213,7 +214,7 @@ class SwitchTransaction:
         blocks.free_blocks = deque(range(next_id, num_blocks))
         engine.scheduler.blocks = blocks
         engine.placement = plan.new
-        self.report.transform_detail["graph_capture"] = engine.capture_live_graphs()
+        self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
 
     def _rollback(self, old: Placement, exc: Exception) -> None:
         """Back to the old placement. Before transform the workers are untouched; after it started, their
