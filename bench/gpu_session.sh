@@ -13,6 +13,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 for step in "$@"; do
+    echo "== $step at ${SECONDS} s" | tee -a "$OUT/steps.txt"
     case "$step" in
     tests)
         timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider \
@@ -33,6 +34,7 @@ for step in "$@"; do
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate()
         timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
+            $( [ -f "/tmp/remp-checkpoints/${SHAPE:-llama2-7b}/config.json" ] && echo --checkpoint "/tmp/remp-checkpoints/${SHAPE:-llama2-7b}" ) \
             --out "$OUT/decode_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     decode_profile)  # where a decode step's time goes on one GPU, batch 1 and 64: ~1.5 min with the checkpoint
         SHAPE=${SHAPE:-llama2-7b}
@@ -72,3 +74,4 @@ for step in "$@"; do
         kill -TERM $RPID; wait $RPID ;;
     esac
 done
+echo "== end at ${SECONDS} s" | tee -a "$OUT/steps.txt"
