@@ -52,8 +52,9 @@ for step in "$@"; do
         timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1}" \
             --out "$OUT/staged_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -30 ;;
-    soak)  # 200 random switches under streaming load; ~1 s a switch on 4 H100s, plus start-up: about 6 minutes
+    soak)  # 200 random switches under streaming load, float32 so that greedy tokens are exact: about 5 minutes
         timeout "${LIMIT:-420}" python3 bench/soak.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
+            --dtype "${DTYPE:-float32}" \
             --switches "${SWITCHES:-200}" --requests 32 --concurrency 16 --short-tokens 16 --long-tokens 128 \
             --out "$OUT/soak_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -60 ;;
     restart)

@@ -64,7 +64,10 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
             same = text == reference[request.index]
             outcomes["ok" if same else "mismatch"] += 1
             if not same:
-                errors.append(f"request {request.index} (seed {request.seed}) differs from its no-switch output")
+                expected = reference[request.index]
+                at = next((i for i, (a, b) in enumerate(zip(text, expected)) if a != b), min(len(text), len(expected)))
+                errors.append(f"request {request.index} (seed {request.seed}) differs from its no-switch output from "
+                              f"character {at} of {len(expected)}")
 
         async def load() -> None:
             passes = 0
@@ -128,6 +131,8 @@ async def main() -> int:
     ap.add_argument("--short-tokens", type=int, default=8)
     ap.add_argument("--long-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", help="the daemon's dtype; greedy tokens are exact across topologies in float32 only "
+                                    "(bf16 rounds differently at each TP size)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--attach", action="store_true", help="use a running daemon (--url, --socket, --pid)")
     ap.add_argument("--url")
@@ -144,7 +149,8 @@ async def main() -> int:
             model = ensure_checkpoint(args.checkpoints, args.shape)
             port, socket_path, name = free_port(), f"{tmp}/rempd.sock", args.shape
             url = f"http://127.0.0.1:{port}"
-            daemon = start_daemon(model, args.devices, args.start, port, socket_path, [], Path(tmp) / "rempd.log")
+            extra = ["--dtype", args.dtype] if args.dtype else []
+            daemon = start_daemon(model, args.devices, args.start, port, socket_path, extra, Path(tmp) / "rempd.log")
             pid = daemon.pid
             await wait_healthy(url, 1800)
         try:
@@ -155,7 +161,7 @@ async def main() -> int:
                 daemon.wait(120)
                 if daemon.returncode != 0:
                     print((Path(tmp) / "rempd.log").read_text()[-3000:], file=sys.stderr)
-    result |= {"shape": args.shape, "devices": args.devices, "start": args.start}
+    result |= {"shape": args.shape, "devices": args.devices, "start": args.start, "dtype": args.dtype}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

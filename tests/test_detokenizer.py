@@ -157,3 +157,16 @@ def test_the_stop_string_completed_first_wins_however_tokens_are_grouped(tok: To
     for cuts in ([], list(range(len(ids))), [3], [1, 4]):
         detok, deltas = _run(tok, ids, cuts, stop=["é", "aéa"])
         assert "".join(deltas) == detok.text == "a" and detok.stop_reason == "é", cuts
+
+
+def test_bytes_that_never_form_a_character_do_not_hold_back_the_stream(tok: Tokenizer) -> None:
+    """A random-weight model can repeat a lone UTF-8 lead byte for its whole output: each one is a final U+FFFD
+    once the next token arrives, so text flows token by token instead of all at the end."""
+    lead = tok.backend.token_to_id(_byte_to_char()[0xE2])
+    ids = [lead] * 20 + _byte_ids(tok, "ok €")
+    detok = IncrementalDetokenizer(tok, [])
+    deltas = [detok.add([i]) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == tok.decode(ids)
+    assert sum(1 for d in deltas[:20] if d) >= 18
+    euro = _byte_ids(tok, "€")
+    assert deltas[-len(euro) - 1:-2] == [""] * (len(euro) - 1)  # the euro sign's first bytes wait for the last

@@ -62,9 +62,22 @@ class IncrementalDetokenizer:
         # A trailing U+FFFD is usually a character whose remaining bytes are still to come; wait
         # for them. (A real U+FFFD at the end is only delayed: the next token or flush emits it.)
         if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT)):
-            return ""
+            return self._settled(before, after)
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return after[len(before):]
+
+    def _settled(self, before: str, after: str) -> str:
+        """The text that the newest token left as it was, when the window is held back. Bytes that never form a
+        character (a model repeating a lone lead byte) would otherwise hold back the whole stream: if adding the
+        newest token only appended to the decode, every U+FFFD before it is final."""
+        last = len(self._ids) - 1
+        if last <= self._read_offset:
+            return ""
+        settled = self._decode(self._ids[self._prefix_offset:last])
+        if len(settled) <= len(before) or len(after) <= len(settled) or not after.startswith(settled):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, last
+        return settled[len(before):]
 
     def _release(self, text: str, final: bool) -> str:
         held = self._pending + text

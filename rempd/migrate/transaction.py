@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
@@ -79,7 +80,11 @@ def check_capacity(engine, plan: SwitchPlan) -> int:
     """Blocks the new pool will have; chooses the transform's order (plan.layer_steps); refuses a target whose
     transform cannot fit or that cannot hold one full-length sequence."""
     config = engine.config
-    capacities = engine.pool.call("kv_capacity", plan.new, config.block_size, workers=list(plan.new.workers))
+    # quiesce finishes the steps in flight (a micro-batch per stage and one sent ahead), each of which may give
+    # every running sequence one more block: the live KV held beside the new pool is priced with that growth
+    growth = len(engine.scheduler.running) * (engine.placement.topology.pp + 1)
+    held = replace(plan, num_live_blocks=plan.num_live_blocks + growth)
+    capacities = engine.pool.call("kv_capacity", plan.new, config.block_size, held, workers=list(plan.new.workers))
     num_blocks = min(capacities)
     involved = sorted(set(plan.old.workers) | set(plan.new.workers))
     geo = ModelGeometry(engine.model_config, engine.template.dtype)

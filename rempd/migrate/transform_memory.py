@@ -19,14 +19,19 @@ def kv_bytes(plan: SwitchPlan, me: int) -> tuple[int, int]:
 
 def transform_bytes(plan: SwitchPlan, me: int, new_weight_bytes: int, round_bytes: int) -> int:
     """Plain order: the most this worker allocates while its old shard is still held: the new shard, its packed
-    live KV, and the buffers of at most two rounds in flight."""
-    exchanged = largest = 0
+    live KV, the KV peers send it (held until the new pool takes it), and the send and receive buffers of at most
+    two rounds in flight (weights both ways, the KV it sends)."""
+    moved = largest = 0
     for piece in plan.weights:
         if piece.source == "peer" and me in (piece.src, piece.dst):
-            exchanged += piece.nbytes
+            moved += piece.nbytes
             largest = max(largest, piece.nbytes)
+    for piece in plan.kv:
+        if piece.source == "peer" and me in (piece.src, piece.dst):
+            largest = max(largest, plan.kv_bytes(piece))
     packed, received = kv_bytes(plan, me)
-    return new_weight_bytes + packed + min(exchanged + received, 2 * (round_bytes + largest))
+    sent = sum(plan.kv_bytes(p) for p in plan.kv if p.source == "peer" and p.src == me)
+    return new_weight_bytes + packed + received + min(moved + sent, 2 * (round_bytes + largest))
 
 
 def in_place_bytes(plan: SwitchPlan, geo: ModelGeometry, me: int, steps: list[Step], round_bytes: int) -> int:

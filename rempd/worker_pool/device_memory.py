@@ -8,7 +8,7 @@ import torch
 from rempd.engine.kv_cache import kv_budget_bytes
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.shards import shard_of
-from rempd.migrate.transform_memory import headrooms, transform_extra
+from rempd.migrate.transform_memory import headrooms, kv_bytes, transform_extra
 from rempd.topology import Placement
 
 RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL's own needs
@@ -36,8 +36,9 @@ def spare_bytes(worker) -> int:
     return free + cached - RESERVE_BYTES
 
 
-def kv_capacity(worker, placement: Placement, block_size: int) -> int | None:
-    """KV blocks this worker could hold under `placement`, counting what a switch would free."""
+def kv_capacity(worker, placement: Placement, block_size: int, plan: SwitchPlan | None = None) -> int | None:
+    """KV blocks this worker could hold under `placement`, counting what a switch would free. For the switch of
+    `plan`, the live KV it packs and receives is still held when the new pool is allocated."""
     shard = shard_of(worker.setup.model, placement, worker.setup.index)
     if shard is None:
         return None
@@ -47,6 +48,8 @@ def kv_capacity(worker, placement: Placement, block_size: int) -> int | None:
     if worker.device.type == "cuda":
         held = worker.info()
         budget += held["kv_bytes"] + held["weight_bytes"] - worker.geometry.weight_bytes(shard)
+        if plan is not None:
+            budget -= sum(kv_bytes(plan, worker.setup.index))
     return budget // shape.bytes_per_block
 
 

@@ -104,7 +104,8 @@ def step_seconds(worker, iterations: int = 5) -> float:
 
 def measure_all_reduce(worker, numels: list[int], iterations: int = 20) -> dict[int, float]:
     """Seconds of one all-reduce of each size (elements of the model dtype) on this worker's TP group, for the
-    decode benchmark's floor. Every active worker calls this together."""
+    decode benchmark's floor. On CUDA the all-reduces run inside a CUDA graph, as decode steps run them: launched
+    one by one from the host they cost several times more. Every active worker calls this together."""
     group = worker.stage.tp.group if worker.stage is not None else None
     if group is None:
         return {}
@@ -113,9 +114,20 @@ def measure_all_reduce(worker, numels: list[int], iterations: int = 20) -> dict[
         x = torch.ones(numel, dtype=worker.dtype, device=worker.device)
         dist.all_reduce(x, group=group)  # warm
         worker._sync()
+
+        def run() -> None:
+            for _ in range(iterations):
+                dist.all_reduce(x, group=group)
+
+        if worker.device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            graph.replay()  # warm
+            worker._sync()
+            run = graph.replay
         start = time.perf_counter()
-        for _ in range(iterations):
-            dist.all_reduce(x, group=group)
+        run()
         worker._sync()
         timings[numel] = (time.perf_counter() - start) / iterations
     return timings

@@ -174,8 +174,8 @@ class Worker:
             return out.cpu().numpy()  # torch tensors would travel as shared-memory handles
         return sample(out, step.samples) if step.samples else None
 
-    def kv_capacity(self, placement: Placement, block_size: int) -> int | None:
-        return device_memory.kv_capacity(self, placement, block_size)
+    def kv_capacity(self, placement: Placement, block_size: int, plan: SwitchPlan | None = None) -> int | None:
+        return device_memory.kv_capacity(self, placement, block_size, plan)
 
     def kv_shape_for(self, shard: Shard, block_size: int) -> KVShape:
         cfg = self.setup.model
