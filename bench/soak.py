@@ -115,6 +115,9 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
             "memory_samples": len(samples), "recoveries": final["num_recoveries"],
             "preempted": sum(r.get("requests_preempted") or 0 for r in reports),
             "switches_with_live_requests": sum(1 for r in reports if r.get("requests_live")),
+            # GPU: how far a transform's measured peak went beyond what plan priced (negative: within it)
+            "worst_unpriced_bytes": max((r["peak_extra_bytes"] - r["priced_extra_bytes"] for r in reports
+                                         if r.get("peak_extra_bytes") is not None), default=None),
             "errors": errors[:10], "switch_errors": [r for r in reports if r["state"] != "committed"][:5]}
 
 

@@ -121,9 +121,9 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    add_matrix_args(ap, TOPOLOGIES, max_tokens=192)
+    add_matrix_args(ap, TOPOLOGIES, max_tokens=512)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--warm-s", type=float, default=1.0, help="seconds of streaming before each switch")
+    ap.add_argument("--warm-s", type=float, default=0.3, help="seconds of streaming before each switch")
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--restart-only", action="store_true")
     ap.add_argument("--restart-topologies", help="restart into these targets only (default: every topology)")

@@ -29,6 +29,9 @@ class SwitchReport:
     requests_live: int = 0
     in_place: bool | None = None  # the new shards were built layer by layer as the old ones were freed
     kv_pool_kept: bool | None = None  # the pools' memory was viewed in the new shape, not freed and allocated
+    # GPU: the most any worker held beyond its old shard during the transform, and what plan priced for it
+    peak_extra_bytes: int | None = None
+    priced_extra_bytes: int | None = None
     # seconds from the last token any request got before the switch to the first one after it (server side)
     serving_pause_s: float | None = None
     # seconds the engine did not step: the cut of a staged switch; all of a stop-the-world one

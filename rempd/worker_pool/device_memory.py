@@ -12,6 +12,9 @@ from rempd.migrate.transform_memory import headrooms, kv_bytes, transform_extra
 from rempd.topology import Placement
 
 RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL's own needs
+# a switch leaves this much more: its transfers may open NCCL channels and buffers that serving never used (the
+# GPU soaks ran out of memory in 9 of 400 switches with only RESERVE_BYTES to spare)
+SWITCH_SLACK_BYTES = 1 << 30
 # tests only: each CPU worker counts as a device with this many bytes for weights and a switch's transfers (its
 # KV pool apart, sized by kv_cache_memory), so that plan's memory checks run on CPU
 CPU_DEVICE_BYTES_ENV = "REMP_CPU_DEVICE_BYTES"
@@ -36,6 +39,10 @@ def spare_bytes(worker) -> int:
     return free + cached - RESERVE_BYTES
 
 
+def switch_slack(worker) -> int:
+    return SWITCH_SLACK_BYTES if worker.device.type == "cuda" else 0
+
+
 def kv_capacity(worker, placement: Placement, block_size: int, plan: SwitchPlan | None = None) -> int | None:
     """KV blocks this worker could hold under `placement`, counting what a switch would free. For the switch of
     `plan`, the live KV it packs and receives is still held when the new pool is allocated."""
@@ -49,7 +56,7 @@ def kv_capacity(worker, placement: Placement, block_size: int, plan: SwitchPlan 
         held = worker.info()
         budget += held["kv_bytes"] + held["weight_bytes"] - worker.geometry.weight_bytes(shard)
         if plan is not None:
-            budget -= sum(kv_bytes(plan, worker.setup.index))
+            budget -= sum(kv_bytes(plan, worker.setup.index)) + SWITCH_SLACK_BYTES
     return budget // shape.bytes_per_block
 
 
@@ -60,7 +67,8 @@ def reusable_blocks(worker, plan: SwitchPlan, block_size: int, round_bytes: int)
     if shard is None or worker.kv_buffer is None:
         return 0
     if checks_memory(worker):
-        if spare_bytes(worker) < transform_extra(plan, worker.geometry, worker.setup.index, round_bytes):
+        extra = transform_extra(plan, worker.geometry, worker.setup.index, round_bytes)
+        if spare_bytes(worker) < extra + switch_slack(worker):
             return 0
     return worker.kv_shape_for(shard, block_size).blocks_in(worker.kv_buffer)
 
@@ -72,7 +80,7 @@ def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> tuple[int,
     if not checks_memory(worker):
         return None
     me, geo = worker.setup.index, worker.geometry
-    room = spare_bytes(worker)
+    room = spare_bytes(worker) - switch_slack(worker)
     if worker.device.type == "cuda" and worker.kv is not None:
         room += worker.kv.numel() * worker.kv.element_size()
     return headrooms(plan, geo, me, round_bytes, room)

@@ -9,6 +9,8 @@ import torch.distributed as dist
 
 from rempd.topology import Placement
 
+WARM_BYTES = 64 << 20
+
 
 def prepare_groups(worker, placement: Placement) -> int:
     """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
@@ -42,8 +44,11 @@ def warm_links(worker, member_sets: list[tuple[int, ...]]) -> float:
             dist.all_reduce(token, group=worker.groups.get(members))
     me, size = worker.setup.index, worker.setup.world_size
     peers = [rank for rank in range(size) if rank != me]
-    ops = [dist.P2POp(dist.isend, token, peer, worker.world) for peer in peers]
-    ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=worker.device), peer, worker.world) for peer in peers]
+    # large enough that NCCL opens every channel to each peer, as a switch's exchange will: its buffers then
+    # count among what the device holds before any switch measures its free memory
+    out = torch.zeros(WARM_BYTES if worker.device.type == "cuda" else 1, dtype=torch.uint8, device=worker.device)
+    ops = [dist.P2POp(dist.isend, out, peer, worker.world) for peer in peers]
+    ops += [dist.P2POp(dist.irecv, torch.empty_like(out), peer, worker.world) for peer in peers]
     for request in dist.batch_isend_irecv(ops) if ops else []:
         request.wait()
     # a lone send/recv (pipeline hand-offs) runs on a communicator of its own per pair, which NCCL creates on
