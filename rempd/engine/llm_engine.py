@@ -4,23 +4,22 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from rempd.engine.block_manager import BlockManager
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
-from rempd.engine.graph_warmup import capture_graphs
+from rempd.engine.install import install_placement
 from rempd.engine.links import calibrate, measure_links, warm_links
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.recovery import DeviceSlots, RecoveryRecord, recover
+from rempd.engine.request import Request
 from rempd.engine.sampling_params import SamplingParams
-from rempd.engine.scheduler import ScheduledBatch, Scheduler
+from rempd.engine.scheduler import ScheduledBatch
 from rempd.engine.sequence import Sequence
-from rempd.engine.step_input import StepInput
 from rempd.engine.status import engine_status
+from rempd.engine.step_input import StepInput
 from rempd.engine.step_log import StepLog
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
@@ -29,15 +28,9 @@ from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store
 from rempd.topology import Placement, Topology, check_topology
 from rempd.worker_pool.pool import WorkerError, WorkerPool
-from rempd.worker_pool.worker import WorkerSetup
+from rempd.worker_pool.worker_setup import WorkerSetup
 
 Progress = Callable[[str, float], None]
-
-
-@dataclass
-class Request:
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer
 
 
 class LLMEngine:
@@ -85,27 +78,8 @@ class LLMEngine:
         calibrate(self)
 
     def install(self, placement: Placement) -> None:
-        """Load every active worker's shard from the store and size one KV pool that all of them can hold.
-
-        Any sequence still holding blocks must have been preempted first: the old pool's contents are gone."""
-        cfg, config = self.model_config, self.config
-        max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.pool.call("prepare_groups", placement)
-        infos = self.pool.call("load_shard", placement, config.block_size, max_len)
-        num_blocks = min(info.kv_capacity_blocks for info in infos if info is not None)
-        if num_blocks < 1:
-            raise RuntimeError(f"{placement.topology}: no memory left for even one KV block")
-        self.pool.call("allocate_kv", num_blocks)
-        self.placement = placement
-        capture_graphs(self)
-        blocks = BlockManager(num_blocks, config.block_size)
-        if not hasattr(self, "scheduler"):
-            # the context length is fixed for the daemon's life; a switch must give every topology room for it
-            self.max_model_len = min(max_len, num_blocks * config.block_size)
-            self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                       self.max_model_len, cfg.eos_token_ids)
-        else:
-            self.scheduler.blocks = blocks
+        """Load every active worker's shard and size one KV pool for all (engine/install.py)."""
+        install_placement(self, placement)
 
     @property
     def active(self) -> list[int]:
@@ -202,27 +176,14 @@ class LLMEngine:
         return outputs
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        request = self.requests[seq.request_id]
-        token = seq.token_ids[-1]
-        text = request.detokenizer.add([token])
-        if request.detokenizer.stopped:
-            self.scheduler.finish(seq, "stop")
-        elif seq.is_finished:
-            text += request.detokenizer.flush()
+        output = self.requests[seq.request_id].output(self.scheduler)
         if seq.is_finished:
             del self.requests[seq.request_id]
-        return RequestOutput(seq.request_id, [token], text, seq.is_finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_output_tokens)
+        return output
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a worker failure) and forget in-flight steps."""
-        outputs = []
-        for request_id, request in list(self.requests.items()):
-            seq = request.seq
-            seq.in_flight = seq.num_pending = 0
-            self.scheduler.finish(seq, "error")
-            outputs.append(RequestOutput(request_id, [], "", True, "error", seq.num_prompt_tokens,
-                                         seq.num_output_tokens, error=message))
+        outputs = [request.fail(self.scheduler, message) for request in self.requests.values()]
         self.requests.clear()
         self.in_flight.clear()
         self.send_failure = None

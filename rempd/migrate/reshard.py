@@ -7,27 +7,20 @@ host-store loads and local copies run, and each later round while the one before
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from rempd.migrate.plan import SwitchPlan, WeightPiece
+from rempd.migrate.reshard_times import Clock, ReshardTimes
 from rempd.migrate.shards import Shard
+from rempd.model.weight_source import FillRows
 
 RowSource = Callable[[str, int, int], torch.Tensor]  # (name, start, stop) → rows in the host store
 PieceKey = tuple[str, int]  # ("w" | "kv", index into plan.weights or plan.kv)
 ROUND_BYTES = 1 << 30
-
-
-@dataclass
-class ReshardTimes:
-    """Seconds of each step on this worker, and bytes it moved to and from peers."""
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 def pack_kv(plan: SwitchPlan, me: int, old_shard: Shard | None, old_heads: range | None,
@@ -130,22 +123,6 @@ def install_kv(plan: SwitchPlan, me: int, new_shard: Shard, new_heads: range, kv
         kv[l0:l0 + len(piece.layers), :, :num_live, :, h0:h0 + len(piece.heads)] = data
 
 
-class Clock:
-    """Per-step seconds of one worker's transform; on CUDA it waits for the device at each mark, so a step's
-    time is its own and not that of work queued before it."""
-
-    def __init__(self, times: ReshardTimes, device: torch.device):
-        self.times, self.device = times, device
-        self.last = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.times.phases[name] = self.times.phases.get(name, 0.0) + now - self.last
-        self.last = now
-
-
 def exchange(rounds: list[list[PieceKey]], post: Callable, from_peers: dict[int, torch.Tensor],
              first: tuple | None = None) -> dict[PieceKey, torch.Tensor]:
     """Run the rounds (the first one maybe posted already), the next one in flight while this one is copied into
@@ -173,12 +150,10 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     beside it, the new pool is a new view of the same bytes; otherwise the old pool is freed before the new one
     is allocated, so the two never coexist. In layer order (plan.in_place) the old shard is freed as the new one
     is built (migrate/in_place.py); else the new shard is built whole, then the old one freed."""
-    from rempd.model.layers import TensorParallel
-    from rempd.model.llama import LlamaStage
-    from rempd.model.weight_source import WeightSource
     from rempd.migrate.in_place import InPlaceBuild
     from rempd.migrate.shards import shard_of
     from rempd.migrate.transform_memory import transform_extra
+    from rempd.worker_pool.stage_builder import build_stage
 
     me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
     old_shard, new_shard = shard_of(cfg, plan.old, me), shard_of(cfg, plan.new, me)
@@ -209,14 +184,8 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
         return post_round(plan, keys, me, old_weights, old_rows, packed, kv_piece_shape, worker.row_shape, dtype,
                           dev, times, worker.world)
 
-    def build(fill, before=None, order=None):
-        if new_shard is None:
-            return None
-        members = plan.new.tp_group(new_shard.pp_rank)
-        tp = TensorParallel(new_shard.tp, new_shard.tp_rank, worker.groups.get(members), members)
-        source = WeightSource(fill, worker.row_shape, dtype, dev, before)
-        return LlamaStage(cfg, new_shard.layers, new_shard.is_first, new_shard.is_last, tp, source, max_len, dev,
-                          order)
+    def build(fill: FillRows, before: Callable[[str, int], None] | None = None, order: list[int] | None = None):
+        return None if new_shard is None else build_stage(worker, plan.new, new_shard, fill, max_len, before, order)
 
     report: dict = {"in_place": plan.in_place}
     if plan.in_place:

@@ -13,9 +13,11 @@ from dataclasses import replace
 import torch
 
 from rempd.migrate.plan import SwitchPlan, WeightPiece
-from rempd.migrate.reshard import PieceKey, ReshardTimes, pack_kv, post_round
+from rempd.migrate.reshard import PieceKey, pack_kv, post_round
+from rempd.migrate.reshard_times import ReshardTimes
 from rempd.migrate.shards import shard_of
 from rempd.worker_pool.device_memory import spare_bytes
+from rempd.worker_pool.stage_builder import build_stage
 
 
 class ShardStaging:
@@ -105,10 +107,6 @@ class ShardStaging:
 
     def build(self) -> None:
         """The new stage from the staged rows, once every row is in; its groups were built before."""
-        from rempd.model.layers import TensorParallel
-        from rempd.model.llama import LlamaStage
-        from rempd.model.weight_source import WeightSource
-
         self.thread.join()
         if self.error is not None:
             raise RuntimeError(f"staging the target's weights failed: {self.error}") from self.error
@@ -120,11 +118,7 @@ class ShardStaging:
             assert rows == self.new_rows[name], (name, rows)
             out.copy_(self.rows.pop(name))
 
-        members = self.plan.new.tp_group(shard.pp_rank)
-        tp = TensorParallel(shard.tp, shard.tp_rank, worker.groups.get(members), members)
-        source = WeightSource(fill, self.worker.row_shape, worker.dtype, worker.device)
-        self.stage = LlamaStage(worker.setup.model, shard.layers, shard.is_first, shard.is_last, tp, source,
-                                self.max_len, worker.device)
+        self.stage = build_stage(worker, self.plan.new, shard, fill, self.max_len)
 
     def graphs(self, num_blocks: int, max_batch: int, batch_sizes: list[int]) -> float:
         """Capture the new stage's decode graphs over the pool memory the cut will keep, viewed in the new shape

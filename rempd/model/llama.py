@@ -104,6 +104,15 @@ class LlamaStage(nn.Module):
             views["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"] = self.lm_head
         return views
 
+    def weight_bytes(self) -> int:
+        """Bytes of the distinct tensors this stage holds; a tied head shares the embedding, counted once."""
+        seen: dict[int, torch.Tensor] = {}
+        for obj in [self, *self.layers]:
+            for value in vars(obj).values():
+                if isinstance(value, torch.Tensor):
+                    seen.setdefault(id(value), value)
+        return sum(t.numel() * t.element_size() for t in seen.values())
+
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata | KernelMetadata, sample_indices: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from multiprocessing.connection import Client
 import torch
 
 from rempd.worker_pool.pending_tokens import PendingTokens
-from rempd.worker_pool.worker import Worker, WorkerSetup
+from rempd.worker_pool.worker import Worker
+from rempd.worker_pool.worker_setup import WorkerSetup
 
 PENDING_POLL_S = 0.0002  # how often a worker with a pending reply checks whether its tokens are in
 

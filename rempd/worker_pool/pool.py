@@ -19,7 +19,7 @@ from typing import Any
 
 from rempd.engine.step_input import StepInput
 from rempd.worker_pool.step_channel import StepChannel
-from rempd.worker_pool.worker import WorkerSetup
+from rempd.worker_pool.worker_setup import WorkerSetup
 
 log = logging.getLogger("rempd.workers")
 

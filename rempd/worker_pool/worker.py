@@ -12,38 +12,20 @@ import torch.distributed as dist
 from rempd.engine.kv_cache import KVShape, kv_budget_bytes
 from rempd.engine.sampler import sample, sample_on_device
 from rempd.engine.step_input import StepInput
-from rempd.model.config import ModelConfig
-from rempd.model.layers import TensorParallel
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import switch_shard
 from rempd.migrate.stage_shard import ShardStaging, stage_step
 from rempd.migrate.shards import ModelGeometry, Shard, shard_of
 from rempd.model.llama import LlamaStage
-from rempd.model.weight_source import WeightSource
 from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank
 from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
 from rempd.worker_pool.pending_tokens import PendingTokens, tokens_to_host
+from rempd.worker_pool.stage_builder import build_stage
 from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.step_runner import StepRunner, use_kernels
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class WorkerSetup:
-    index: int  # rank in the world group, and index into the pool's devices
-    world_size: int
-    master_port: int
-    device: str  # "cpu" or "cuda:N"
-    store_name: str
-    model: ModelConfig
-    dtype: str
-    kv_cache_memory: int  # CPU KV budget in bytes
-    gpu_memory_utilization: float
-    step_channel: str = ""  # shared-memory ring the driver writes steps to (see StepChannel)
-    attention: str = "auto"  # "auto", "triton" or "reference" (see step_runner.use_kernels)
+from rempd.worker_pool.worker_setup import DTYPES, WorkerSetup
 
 
 @dataclass
@@ -94,11 +76,8 @@ class Worker:
     def row_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.store.entry(name).shape[1:])
 
-    def host_source(self) -> WeightSource:
-        def fill(name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
-            out.copy_(self.store.rows(name, *rows), non_blocking=self.pinned)
-
-        return WeightSource(fill, self.row_shape, self.dtype, self.device)
+    def fill_from_host(self, name: str, rows: tuple[int, int], out: torch.Tensor) -> None:
+        out.copy_(self.store.rows(name, *rows), non_blocking=self.pinned)
 
     def load_shard(self, placement: Placement, block_size: int, max_len: int) -> ShardInfo | None:
         """Build this worker's stage of `placement` from the weight store; standby workers hold nothing."""
@@ -107,11 +86,8 @@ class Worker:
         shard = shard_of(self.setup.model, placement, self.setup.index)
         if shard is None:
             return None
-        members = placement.tp_group(shard.pp_rank)
-        tp = TensorParallel(shard.tp, shard.tp_rank, self.groups.get(members), members)
-        self.stage = LlamaStage(self.setup.model, shard.layers, shard.is_first, shard.is_last, tp,
-                                self.host_source(), max_len, self.device)
-        weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.stage))
+        self.stage = build_stage(self, placement, shard, self.fill_from_host, max_len)
+        weight_bytes = self.stage.weight_bytes()
         self.kv_shape = self.kv_shape_for(shard, block_size)
         budget = kv_budget_bytes(self.device, self.setup.kv_cache_memory, self.setup.gpu_memory_utilization,
                                  reserve_bytes=device_memory.RESERVE_BYTES)
@@ -250,7 +226,7 @@ class Worker:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": self.setup.device,
-                "weight_bytes": sum(t.numel() * t.element_size() for t in _tensors(self.stage)) if self.stage else 0,
+                "weight_bytes": self.stage.weight_bytes() if self.stage else 0,
                 "kv_blocks": 0 if self.kv is None else self.kv.shape[2],
                 "kv_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
                 "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds,
@@ -266,12 +242,3 @@ class Worker:
         if self.channel is not None:
             self.channel.close()
 
-
-def _tensors(stage: LlamaStage) -> list[torch.Tensor]:
-    seen, found = set(), []
-    for obj in [stage, *stage.layers]:
-        for value in vars(obj).values():
-            if isinstance(value, torch.Tensor) and id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-    return found
