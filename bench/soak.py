@@ -118,6 +118,8 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
             # GPU: how far a transform's measured peak went beyond what plan priced (negative: within it)
             "worst_unpriced_bytes": max((r["peak_extra_bytes"] - r["priced_extra_bytes"] for r in reports
                                          if r.get("peak_extra_bytes") is not None), default=None),
+            "worst_outside_growth_bytes": max((r["outside_growth_bytes"] for r in reports
+                                               if r.get("outside_growth_bytes") is not None), default=None),
             "errors": errors[:10], "switch_errors": [r for r in reports if r["state"] != "committed"][:5]}
 
 

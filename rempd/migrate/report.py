@@ -32,6 +32,7 @@ class SwitchReport:
     # GPU: the most any worker held beyond its old shard during the transform, and what plan priced for it
     peak_extra_bytes: int | None = None
     priced_extra_bytes: int | None = None
+    outside_growth_bytes: int | None = None  # GPU: the most a worker's memory outside PyTorch's allocator grew
     # seconds from the last token any request got before the switch to the first one after it (server side)
     serving_pause_s: float | None = None
     # seconds the engine did not step: the cut of a staged switch; all of a stop-the-world one

@@ -189,6 +189,7 @@ class SwitchTransaction:
             if worst is not None:  # where plan's memory model is least safe
                 report.peak_extra_bytes = worst["extra_bytes"]
                 report.priced_extra_bytes = worst["predicted_extra_bytes"]
+                report.outside_growth_bytes = max(r["outside_growth_bytes"] for r in results)
 
             start = self._enter("commit")
             self._commit(plan, live, num_blocks)

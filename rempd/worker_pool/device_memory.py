@@ -39,6 +39,14 @@ def spare_bytes(worker) -> int:
     return free + cached - RESERVE_BYTES
 
 
+def outside_allocator_bytes(worker) -> int:
+    """Device memory this process holds outside PyTorch's allocator (CUDA context, NCCL buffers); 0 off CUDA."""
+    if worker.device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(worker.device)
+    return total - free - torch.cuda.memory_reserved(worker.device)
+
+
 def switch_slack(worker) -> int:
     return SWITCH_SLACK_BYTES if worker.device.type == "cuda" else 0
 

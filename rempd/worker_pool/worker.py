@@ -194,8 +194,10 @@ class Worker:
                max_len: int, round_bytes: int) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
         self.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
+        outside = device_memory.outside_allocator_bytes(self)
         self.stage, self.kv, self.kv_shape, report = switch_shard(self, plan, live_blocks, num_blocks, block_size,
                                                                   max_len, round_bytes)
+        report["outside_growth_bytes"] = device_memory.outside_allocator_bytes(self) - outside
         self.placement = plan.new
         self.last_switch = report
         return report
