@@ -19,7 +19,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(checkpoints):
     # max_num_batched_tokens 16: the 37-token prompt takes three prefill chunks, decodes riding beside them
-    with LLM(checkpoints["tiny-llama"], tp=2, max_num_seqs=8, max_num_batched_tokens=16) as llm:
+    # off unless a test turns it on: its outputs are the references the async runs must equal
+    with LLM(checkpoints["tiny-llama"], tp=2, max_num_seqs=8, max_num_batched_tokens=16, async_tokens=False) as llm:
         yield llm
 
 
@@ -198,7 +199,7 @@ def test_preemption_with_async_tokens(checkpoints, llm):
 
 
 def test_daemon_streams_through_live_switches_with_async_tokens(checkpoints, llm, start_daemon):
-    """`rempd serve --async-tokens`, streamed through the official client across TP2 → TP1PP2 → TP2: the texts of
+    """`rempd serve --async-tokens` (the default), streamed through the official client across TP2 → TP1PP2 → TP2: the texts of
     an engine without async tokens and without a switch."""
     prompts = [f"Stream {i} says: " + "lorem ipsum dolor " * (i + 1) for i in range(4)]
     reference = [o.text for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))]

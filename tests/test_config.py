@@ -47,7 +47,7 @@ def test_defaults_and_engine_config():
     engine = config.engine_config()
     assert (engine.model_dir, engine.cpu_workers, engine.devices, engine.kv_cache_memory) == \
         ("/models/tiny", 2, [], 64 << 20)
-    assert not engine.async_tokens
+    assert engine.async_tokens
 
 
 def test_flags_override_the_file_and_both_spellings_work(tmp_path):
@@ -131,12 +131,12 @@ def test_cli_flags_file_and_environment(started, tmp_path, monkeypatch):
     path = write(tmp_path / "r.toml", 'model = "/models/tiny"\ncpu-workers = 4\nport = 9000\n')
     monkeypatch.setenv("REMP_SOCKET", "/tmp/x/rempd.sock")
     result = CliRunner().invoke(cli.app, ["serve", "--config", str(path), "--tp", "2", "--pp", "2",
-                                          "--kv-cache-memory", "32MiB", "--api-key", "k", "--async-tokens"])
+                                          "--kv-cache-memory", "32MiB", "--api-key", "k", "--no-async-tokens"])
     assert result.exit_code == 0, result.output
     (config,) = started
     assert (config.tp, config.pp, config.port, config.socket) == (2, 2, 9000, "/tmp/x/rempd.sock")
     assert config.kv_cache_memory == 32 << 20 and config.api_key == "k"
-    assert config.engine_config().async_tokens
+    assert not config.engine_config().async_tokens
 
 
 def test_cli_bad_configuration_exits_2_with_the_reason(started):
