@@ -26,11 +26,12 @@ for step in "$@"; do
         [ -f "$CK/config.json" ] || timeout "${LIMIT:-580}" python3 -m rempd make-checkpoint --shape "${SHAPE:-llama2-7b}" \
             --out "$CK" 2>&1 | tail -3
         df -h /tmp | tail -1 ;;
-    matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape; IN_PLACE=always|never
+    matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape; IN_PLACE=always|never;
+             # MAX_TOKENS per stream (default 512; fewer for 70B, whose streams are slower)
         timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
             ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
-            ${IN_PLACE:+--in-place "$IN_PLACE"} \
+            ${IN_PLACE:+--in-place "$IN_PLACE"} ${MAX_TOKENS:+--max-tokens "$MAX_TOKENS"} \
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
     decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate()
         timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \

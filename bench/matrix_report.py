@@ -28,7 +28,9 @@ def table(results: dict) -> str:
     lines = ["| source → target | switch (s) | restart (s) | restart / switch | predicted (s) | serving pause, "
              "client / server (s) | groups (s) | transform (s) | slowest transform steps (s) | live requests | "
              "KV blocks | weights stay / peer / host (GB) |", "|" + "---|" * 12]
-    for c in results["cells"]:
+    order = results.get("topologies") or list(dict.fromkeys(c["source"] for c in results["cells"]))
+    rows = sorted(results["cells"], key=lambda c: (order.index(c["source"]), order.index(c["target"])))
+    for c in rows:
         if c.get("state") != "committed":
             lines.append(f"| {c['source']} → {c['target']} | {c.get('state')}: {c.get('error')} |" + " |" * 10)
             continue

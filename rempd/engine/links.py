@@ -45,13 +45,26 @@ def measure_links(engine) -> LinkSpeeds:
                       step_seconds=steps[len(steps) // 2] if steps else 0.0)
 
 
-def calibrate(engine) -> None:
-    """Switch onto the placement in use, with nothing live: its time beyond what bytes and links explain is
-    the fixed cost plan adds to every prediction. Nothing changes for a client; it is not in the history."""
+def calibration_switch(engine, keep_pool: bool) -> SwitchReport:
     report = SwitchReport(id="calibration", source=str(engine.placement), target=str(engine.placement.topology))
-    SwitchTransaction(engine, engine.placement, report, engine.links).run()
+    SwitchTransaction(engine, engine.placement, report, engine.links, keep_pool=keep_pool).run()
     if report.state != "committed":
         raise RuntimeError(f"the start-up calibration switch failed: {report.error}")
+    return report
+
+
+def calibrate(engine) -> None:
+    """Switch twice onto the placement in use, with nothing live. The first frees and allocates the KV pool as a
+    switch that cannot keep it does: freeing the pool and the old weights and allocating a pool of tens of GB
+    cost 3-6× what install's allocation alone suggests (4× H100), so that prices a fresh pool. The second keeps
+    the pool: its time beyond what bytes and links explain is the fixed cost plan adds to every prediction.
+    Nothing changes for a client; neither is in the history."""
+    fresh = calibration_switch(engine, keep_pool=False)
+    pool = max(i["kv_bytes"] for i in engine.pool.call("info", workers=engine.active))
+    spent = sum(fresh.transform_detail.get(step, 0.0) for step in ("kv_free", "weights_free", "kv_alloc"))
+    if pool and spent > 0:  # predict() prices a fresh pool as 2 × its bytes / alloc_gbps
+        engine.links.alloc_gbps = 2 * pool / spent / 1e9
+    report = calibration_switch(engine, keep_pool=True)
     engine.links.fixed_seconds = max(0.0, report.total_seconds - report.predicted["total"])
     # the switch dropped the decode graphs: one bucket's capture, its kernels compiled by install's, prices a
     # switch's (per layer of a stage); then every bucket again, ready for the first requests

@@ -15,7 +15,9 @@ class LinkSpeeds:
     local_gbps: float  # copy within one device, GB/s
     group_seconds: float = 0.0  # building one new communication group
     rpc_seconds: float = 0.0  # one driver → all workers round trip
-    alloc_gbps: float = 0.0  # allocating and zeroing a KV pool, GB/s (0: not priced); freeing one costs as much
+    # a switch that cannot keep the KV pool frees it and the old weights and allocates a new one: priced as
+    # 2 × pool bytes / alloc_gbps, calibrated at start-up by such a switch (0: not priced)
+    alloc_gbps: float = 0.0
     # what a switch costs beyond moving bytes (Python, freeing memory, building the stage), measured by a
     # switch onto the same placement at start-up and refined by every committed switch
     fixed_seconds: float = 0.0

@@ -144,7 +144,7 @@ def exchange(rounds: list[list[PieceKey]], post: Callable, from_peers: dict[int,
 
 
 def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
-                 max_len: int, round_bytes: int = ROUND_BYTES) -> tuple:
+                 max_len: int, round_bytes: int = ROUND_BYTES, keep_pool: bool = True) -> tuple:
     """Run the transform on `worker` (a rempd.worker_pool.worker.Worker); returns its new
     (stage, kv, kv_shape, report). When the pool's memory holds `num_blocks` of the new shape and the transfers fit
     beside it, the new pool is a new view of the same bytes; otherwise the old pool is freed before the new one
@@ -163,7 +163,7 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
     packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
     clock.mark("kv_pack")
-    reuse = worker.reusable_blocks(plan, block_size, round_bytes) >= num_blocks > 0
+    reuse = keep_pool and worker.reusable_blocks(plan, block_size, round_bytes) >= num_blocks > 0
     if not reuse:
         worker.drop_pool()
         if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory

@@ -125,8 +125,10 @@ def new_groups(engine, plan: SwitchPlan) -> int:
 
 class SwitchTransaction:
     def __init__(self, engine, target: Topology | Placement, report: SwitchReport, links: LinkSpeeds,
-                 fault: Fault | None = None, on_phase: Callable[[SwitchReport], None] | None = None):
+                 fault: Fault | None = None, on_phase: Callable[[SwitchReport], None] | None = None,
+                 keep_pool: bool = True):
         self.engine, self.target, self.report, self.links = engine, target, report, links
+        self.keep_pool = keep_pool  # False: free and allocate the pool even where it could be kept
         self.fault = fault
         self.on_phase = on_phase or (lambda report: None)
         self.outputs: list = []  # request outputs produced while quiescing, for the caller to deliver
@@ -150,7 +152,10 @@ class SwitchTransaction:
         try:
             start = self._enter("plan")
             plan = make_plan(engine, self.target)
-            num_blocks, report.kv_pool_kept = choose_pool(engine, plan, check_capacity(engine, plan))
+            fresh_blocks = check_capacity(engine, plan)
+            num_blocks, report.kv_pool_kept = choose_pool(engine, plan, fresh_blocks)
+            if not self.keep_pool:
+                num_blocks, report.kv_pool_kept = fresh_blocks, False
             self._leave("plan", start)
 
             start = self._enter("quiesce")
@@ -179,7 +184,8 @@ class SwitchTransaction:
             involved = sorted(set(old.workers) | set(plan.new.workers))
             max_len = engine.max_model_len
             results = engine.pool.call("switch", plan, live_blocks, num_blocks, engine.config.block_size,
-                                       max_len, engine.config.switch_round_bytes, workers=involved)
+                                       max_len, engine.config.switch_round_bytes, self.keep_pool,
+                                       workers=involved)
             self._leave("transform", start)
             for result in results:
                 for name, seconds in result["phases"].items():

@@ -41,7 +41,16 @@ def warm_links(worker, member_sets: list[tuple[int, ...]]) -> float:
     token = torch.zeros(1, device=worker.device)
     for members in sorted({tuple(sorted(m)) for m in member_sets}):
         if worker.setup.index in members:
-            dist.all_reduce(token, group=worker.groups.get(members))
+            group = worker.groups.get(members)
+            dist.all_reduce(token, group=group)
+            if worker.device.type == "cuda" and len(members) > 1:
+                # the first switch into a TP group spent 0.2-0.4 s more capturing its decode graphs than later
+                # switches into it (4x H100); the group's first collective inside a graph is one suspect: pay
+                # that here, before any switch
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    dist.all_reduce(token, group=group)
+                graph.replay()
     me, size = worker.setup.index, worker.setup.world_size
     peers = [rank for rank in range(size) if rank != me]
     # large enough that NCCL opens every channel to each peer, as a switch's exchange will: its buffers then

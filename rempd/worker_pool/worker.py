@@ -191,12 +191,12 @@ class Worker:
         return links.warm_links(self, member_sets)
 
     def switch(self, plan: SwitchPlan, live_blocks: list[int], num_blocks: int, block_size: int,
-               max_len: int, round_bytes: int) -> dict:
+               max_len: int, round_bytes: int, keep_pool: bool = True) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
         self.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
         outside = device_memory.outside_allocator_bytes(self)
         self.stage, self.kv, self.kv_shape, report = switch_shard(self, plan, live_blocks, num_blocks, block_size,
-                                                                  max_len, round_bytes)
+                                                                  max_len, round_bytes, keep_pool)
         report["outside_growth_bytes"] = device_memory.outside_allocator_bytes(self) - outside
         self.placement = plan.new
         self.last_switch = report
