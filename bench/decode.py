@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="1,64")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=128)
+    parser.add_argument("--async-tokens", action="store_true",
+                        help="EngineConfig.async_tokens: each step is sent before the previous one's tokens are in "
+                             "(at PP1 only; PP topologies run as without it)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cpu = args.devices == "cpu"
@@ -138,7 +141,8 @@ def main() -> None:
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
               "card": "cpu" if cpu else torch.cuda.get_device_name(devices[0]), "devices": args.devices,
-              "prompt": args.prompt, "gen": args.gen, "rows": [], "transformers": []}
+              "async_tokens": args.async_tokens, "prompt": args.prompt, "gen": args.gen, "rows": [],
+              "transformers": []}
     with tempfile.TemporaryDirectory(prefix="remp-decode-") as tmp:
         start = time.perf_counter()
         model_dir = args.checkpoint or make_checkpoint(args.shape, Path(tmp) / args.shape, seed=0)
@@ -158,7 +162,7 @@ def main() -> None:
         tp, pp = parse_topology(topologies[0])
         options = dict(cpu_workers=4) if cpu else dict(devices=devices)
         with LLM(model_dir, tp=tp, pp=pp, max_num_seqs=max(batches), max_model_len=args.prompt + args.gen + 16,
-                 max_num_batched_tokens=4096, **options) as llm:
+                 max_num_batched_tokens=4096, async_tokens=args.async_tokens, **options) as llm:
             engine = llm.engine
             for name in topologies:
                 tp, pp = parse_topology(name)
@@ -195,7 +199,8 @@ def main() -> None:
 def print_table(result: dict) -> None:
     hf = {r["batch"]: r for r in result["transformers"]}
     print(f"\n{result['shape']} on {result['card']} ({result['commit']}), prompt {result['prompt']}, "
-          f"{result['gen']} generated; HBM copy {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s\n")
+          f"{result['gen']} generated; async tokens {'on (PP1 only)' if result['async_tokens'] else 'off'}; "
+          f"HBM copy {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s\n")
     print("| topology | batch | step ms | floor ms (mem + all-reduce) | step/floor | tok/s | transformers tok/s |")
     print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:

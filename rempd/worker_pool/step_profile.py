@@ -1,8 +1,9 @@
 """What a bench asks of a worker while it profiles decode steps (bench/decode_profile.py): CUDA events around each
 step's device work, and a torch.profiler trace of a few graph steps for the kernels that take the time.
 
-Only while profiling: an event pair costs a few microseconds of launch, and on a stage that does not wait for its
-output (not the last) reading the events waits for the GPU."""
+Only while profiling: an event pair costs a few microseconds of launch. Where the host did not wait for a step's
+output (a stage before the last, a TP rank > 0, async tokens) its events are read at "stop", not after the step:
+reading them then would stall the next step's launch behind the device."""
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ class StepProfile:
     traced: int = 0
     kernels: dict | None = None
     _events: tuple | None = field(default=None, repr=False)
-    # (log row, start, end) of steps whose output was not waited for (async tokens): read once, at the end
+    # (log row, start, end) of steps whose output was not waited for: read once, at the end
     _unread: list = field(default_factory=list, repr=False)
     _tracer: object = field(default=None, repr=False)
 
@@ -44,8 +45,8 @@ class StepProfile:
 
     def finished(self, graph: bool, row: int | None = None) -> float:
         """The step's output was waited for: milliseconds on the device from before() to its last kernel (NaN off
-        CUDA). `row`: it was not (async tokens), and waiting here would stall the next step; its span is read by
-        unread_spans() instead, for this row of the log (NaN now)."""
+        CUDA). `row`: it was not, and waiting here would stall the next step; its span is read by unread_spans()
+        instead, for this row of the log (NaN now)."""
         ms = math.nan
         if self._events is not None and row is not None:
             self._unread.append((row, *self._events))

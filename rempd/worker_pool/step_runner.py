@@ -72,8 +72,9 @@ class StepRunner:
         return out, bucket is not None
 
     def finished(self, received: float, unpacked: float, step: StepInput, waited: bool = True) -> None:
-        """A step driven through the step channel is done: log its stamps. `waited`: false when its tokens are
-        still on their way (async tokens): then "done" is when it was launched."""
+        """A step driven through the step channel is done: log its stamps. `waited`: false when the host did not
+        wait for its device work (its tokens still on their way, or none come back here): then "done" is when it
+        was launched."""
         gpu_ms = math.nan
         if self.profile is not None:
             gpu_ms = self.profile.finished(self.replayed, None if waited else len(self.log.rows))

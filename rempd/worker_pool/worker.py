@@ -115,7 +115,9 @@ class Worker:
         step = self.channel.read(ref)
         unpacked = time.perf_counter()
         tokens = self.execute(step)
-        self.runner.finished(received, unpacked, step, waited=not isinstance(tokens, PendingTokens))
+        # the host waited for the step's device work only where it brought tokens back: a TP rank > 0, a stage
+        # before the last or async tokens would stall on reading a profile's events now
+        self.runner.finished(received, unpacked, step, waited=isinstance(tokens, list))
         return tokens
 
     def profile(self, action: str, *args: int) -> dict | None:
