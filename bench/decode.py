@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="1,64")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=128)
-    parser.add_argument("--async-tokens", action="store_true",
+    parser.add_argument("--async-tokens", action=argparse.BooleanOptionalAction, default=True,
                         help="EngineConfig.async_tokens: each step is sent before the previous one's tokens are in "
                              "(at PP1 only; PP topologies run as without it)")
     parser.add_argument("--out", type=Path, required=True)

@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--skip", type=int, default=8, help="first decode steps left out of the medians")
     ap.add_argument("--trace-steps", type=int, default=16, help="graph steps whose kernels are traced")
-    ap.add_argument("--async-tokens", action="store_true",
+    ap.add_argument("--async-tokens", action=argparse.BooleanOptionalAction, default=True,
                     help="EngineConfig.async_tokens (at PP1 only): each step is sent before the previous one's "
                          "tokens are in (the worker's 'done' stamp is then its launch, so compare wall and "
                          "driver_period)")

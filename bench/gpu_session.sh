@@ -7,7 +7,7 @@ set -uo pipefail
 # under $OUT; shown here, its last 40 lines, or with $4 = brief each batch's summary and its 6 largest kernels
 profile() {
     local shape=${SHAPE:-llama2-7b} name="decode_profile_${SHAPE:-llama2-7b}_$1_$3" flag=""
-    [ "$3" = async ] && flag=--async-tokens
+    flag=--no-async-tokens; [ "$3" = async ] && flag=--async-tokens
     timeout "${LIMIT:-170}" python3 bench/decode_profile.py --shape "$shape" --devices "$2" --topology "$1" $flag \
         --batches "${BATCHES:-1,64}" --checkpoints /tmp/remp-checkpoints --out "$OUT/$name.json" 2>&1 \
         | grep -v '^\[rank' > "$OUT/$name.log"
@@ -44,14 +44,14 @@ for step in "$@"; do
             ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             ${IN_PLACE:+--in-place "$IN_PLACE"} ${MAX_TOKENS:+--max-tokens "$MAX_TOKENS"} \
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
-    decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate(); ASYNC=1: async tokens
+    decode)  # step time vs its bandwidth floor at TP1 / TP4 / TP2PP2, beside transformers generate(); ASYNC=0: sync tokens
         timeout "${LIMIT:-420}" python3 bench/decode.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             $( [ -f "/tmp/remp-checkpoints/${SHAPE:-llama2-7b}/config.json" ] && echo --checkpoint "/tmp/remp-checkpoints/${SHAPE:-llama2-7b}" ) \
-            $( [ "${ASYNC:-0}" = 1 ] && echo --async-tokens ) \
-            --out "$OUT/decode_${SHAPE:-llama2-7b}$( [ "${ASYNC:-0}" = 1 ] && echo _async ).json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
-    decode_profile)  # where a decode step's time goes, batch 1 and 64, at TOPOLOGY (TP1PP1) on DEVICES (0); ASYNC=1:
-        # async tokens. ~1 min on one GPU with the checkpoint (~32 s measured), made first if missing (~20 s)
-        profile "${TOPOLOGY:-TP1PP1}" "${DEVICES:-${DEVICE:-0}}" "$( [ "${ASYNC:-0}" = 1 ] && echo async || echo sync )" ;;
+            $( [ "${ASYNC:-1}" = 1 ] && echo --async-tokens || echo --no-async-tokens ) \
+            --out "$OUT/decode_${SHAPE:-llama2-7b}$( [ "${ASYNC:-1}" = 1 ] || echo _sync ).json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
+    decode_profile)  # where a decode step's time goes, batch 1 and 64, at TOPOLOGY (TP1PP1) on DEVICES (0); ASYNC=0:
+        # sync tokens (async is the default). ~1 min on one GPU with the checkpoint (~32 s measured), made first if missing (~20 s)
+        profile "${TOPOLOGY:-TP1PP1}" "${DEVICES:-${DEVICE:-0}}" "$( [ "${ASYNC:-1}" = 1 ] && echo async || echo sync )" ;;
     decode_async)  # A/B of EngineConfig.async_tokens, one GPU, batch 1 and 64: decode_profile off then on, ~1.5 min
         for mode in sync async; do profile TP1PP1 "${DEVICE:-0}" $mode; done ;;
     decode_tp)  # decode_profile on 4 GPUs: TP4PP1 sync, TP4PP1 async, TP2PP2 sync (~1 min each, ~3-4 min in all)
