@@ -76,9 +76,9 @@ def run_warmup(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp_si
     max_blocks = -(-shape.max_len // shape.block_size)  # as Worker.capture_graphs sizes the graphs' tables
     for tp in tp_sizes:
         widths = rank_widths(cfg, tp)
-        # one layer's pool: prefill chunks use at most 4 blocks, decode tables point at block 0
+        # one layer of a pool: no kernel depends on the block count; two prefill chunks of block_size + 2 fit
+        num_blocks = 2 * -(-(shape.block_size + 2) // shape.block_size)
         kv = KVShape(1, shape.block_size, widths.kv_heads, cfg.head_dim, dtype)
-        num_blocks = max(max_blocks, 4)
         layer_kv = kv.view(kv.allocate(num_blocks, device), num_blocks)[0]
         for _ids, positions, samples, meta in step_inputs(shape, max_blocks, widths.kv_heads, device):
             run_layer(cfg, widths, rotary, layer_kv, positions, samples, meta, dtype)
