@@ -74,10 +74,10 @@ def run_warmup(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp_si
     Triton's interpreter)."""
     rotary = Rotary(cfg, shape.max_len, device)
     max_blocks = -(-shape.max_len // shape.block_size)  # as Worker.capture_graphs sizes the graphs' tables
+    # one layer of a pool: no kernel depends on the block count; two prefill chunks of block_size + 2 fit
+    num_blocks = 2 * -(-(shape.block_size + 2) // shape.block_size)
     for tp in tp_sizes:
         widths = rank_widths(cfg, tp)
-        # one layer of a pool: no kernel depends on the block count; two prefill chunks of block_size + 2 fit
-        num_blocks = 2 * -(-(shape.block_size + 2) // shape.block_size)
         kv = KVShape(1, shape.block_size, widths.kv_heads, cfg.head_dim, dtype)
         layer_kv = kv.view(kv.allocate(num_blocks, device), num_blocks)[0]
         for _ids, positions, samples, meta in step_inputs(shape, max_blocks, widths.kv_heads, device):
@@ -98,9 +98,9 @@ def step_inputs(shape: WarmupShape, max_blocks: int, kv_heads: int,
     # an eager step packs positions, sample rows, context lengths, query starts and block tables one after
     # another in one int64 array: token parity x (sequence count, sample count) parity covers each pointer's
     # 16-byte alignment; chunks of two blocks keep the table width off the 1 and 16 that Triton specializes
-    odd, even = shape.block_size + 1, shape.block_size + 2
-    for query_lens in ([even], [odd], [even, even], [odd, even]):
-        if even <= shape.max_len:  # else no prompt that long exists
+    short, long = shape.block_size + 1, shape.block_size + 2  # one odd, one even
+    for query_lens in ([long], [short], [long, long], [short, long]):
+        if long <= shape.max_len:  # else no prompt that long exists
             steps.append(to_device(prefill_step(query_lens, shape.block_size), device))
     return steps
 
