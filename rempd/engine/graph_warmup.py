@@ -1,6 +1,32 @@
 """When the workers capture their decode CUDA graphs: every bucket after an install, at a switch's commit only the
-buckets the running sequences will use next (the rest on first use, see worker_pool/cuda_graphs.py)."""
+buckets the running sequences will use next (the rest on first use, see worker_pool/cuda_graphs.py); and, once at
+start-up, compile the kernels those graphs and eager steps launch under every TP size, so that no capture does."""
 from __future__ import annotations
+
+import logging
+
+from rempd.topology import valid_topologies
+from rempd.worker_pool.kernel_warmup import WarmupShape
+
+log = logging.getLogger("rempd.engine")
+
+
+def stage_max_len(engine) -> int:
+    """The context length the stages are built for (their rotary tables; the graphs' block-table width)."""
+    cfg = engine.model_config
+    return min(engine.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+
+def warm_kernels(engine) -> None:
+    """Every worker compiles the kernels of every TP size the daemon's devices allow: a worker may serve any of
+    them after a switch (worker_pool/kernel_warmup.py). Seconds of the slowest in engine.kernel_warm_seconds."""
+    cfg, config = engine.model_config, engine.config
+    topologies = valid_topologies(len(engine.devices), cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)
+    tp_sizes = sorted({t.tp for t in topologies})
+    shape = WarmupShape(config.block_size, stage_max_len(engine), config.max_num_seqs)
+    engine.kernel_warm_seconds = max(engine.pool.call("warm_kernels", tp_sizes, shape))
+    if engine.kernel_warm_seconds:
+        log.info("kernels of TP sizes %s compiled in %.3f s", tp_sizes, engine.kernel_warm_seconds)
 
 
 def capture_graphs(engine, batch_sizes: list[int] | None = None) -> float:

@@ -3,7 +3,7 @@ pool size that all of them can hold is allocated everywhere."""
 from __future__ import annotations
 
 from rempd.engine.block_manager import BlockManager
-from rempd.engine.graph_warmup import capture_graphs
+from rempd.engine.graph_warmup import capture_graphs, stage_max_len
 from rempd.engine.scheduler import Scheduler
 from rempd.topology import Placement
 
@@ -13,7 +13,7 @@ def install_placement(engine, placement: Placement) -> None:
 
     Any sequence still holding blocks must have been preempted first: the old pool's contents are gone."""
     cfg, config = engine.model_config, engine.config
-    max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    max_len = stage_max_len(engine)
     engine.pool.call("prepare_groups", placement)
     infos = engine.pool.call("load_shard", placement, config.block_size, max_len)
     num_blocks = min(info.kv_capacity_blocks for info in infos if info is not None)

@@ -10,6 +10,7 @@ import torch
 
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
+from rempd.engine.graph_warmup import warm_kernels
 from rempd.engine.install import install_placement
 from rempd.engine.links import calibrate, measure_links, warm_links
 from rempd.engine.outputs import EngineStats, RequestOutput
@@ -60,6 +61,8 @@ class LLMEngine:
             self.pool = WorkerPool(self.template, self.devices, reply_timeout=config.worker_timeout)
             progress("opening links", 0.0)
             warm_links(self)
+            progress("compiling kernels", 0.0)
+            warm_kernels(self)
             progress("building topology", 0.0)
             self.install(Placement.default(topology))
         except BaseException:

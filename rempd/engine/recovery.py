@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from rempd.engine.graph_warmup import warm_kernels
 from rempd.engine.links import warm_links
 from rempd.topology import Placement, Topology, valid_topologies
 from rempd.worker_pool.pool import WorkerError, WorkerPool
@@ -122,6 +123,7 @@ def recover(engine, reason: str) -> RecoveryRecord:
     record.phases["spawn"] = time.perf_counter() - begin - record.phases["close"]
     engine.devices = list(engine.device_slots.devices)
     warm_links(engine)
+    warm_kernels(engine)  # fresh processes: Triton's disk cache makes this quick
     failures = []
     for topology in candidate_topologies(old.topology, len(engine.devices), engine.model_config):
         placement = old if topology == old.topology and not record.lost_devices else Placement.default(topology)

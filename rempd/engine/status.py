@@ -21,5 +21,7 @@ def engine_status(engine) -> dict:
             # from a batch's tokens to its outputs, the next batch's scheduling and sending included (see
             # finish_oldest); a median of the recent steps, which a first step's compilation cannot skew
             "driver_host_ms_per_step": engine.step_log.median_ms(("replied", "done")),
+            # start-up compilation of every TP size's kernels (0 off CUDA)
+            "kernel_warm_s": engine.kernel_warm_seconds,
             "num_recoveries": engine.num_recoveries, "lost_devices": list(engine.device_slots.lost),
             "last_recovery": engine.recoveries[-1].to_dict() if engine.recoveries else None}

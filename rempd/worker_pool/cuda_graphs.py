@@ -30,6 +30,13 @@ def buckets_up_to(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def idle_inputs(size: int, max_blocks: int, device: torch.device) -> tuple[StepLayout, torch.Tensor]:
+    """A bucket's static inputs as captured: `size` padding rows (write nothing, read nothing), on the device."""
+    layout = StepLayout(tokens=size, samples=size, seqs=size, max_blocks=max_blocks)
+    idle = StepInput([0] * size, [0] * size, [-1] * size, [1] * size, [0] * size, [[]] * size, list(range(size)), [])
+    return layout, torch.from_numpy(layout.pack(idle)).to(device)
+
+
 @dataclass
 class DecodeGraph:
     graph: torch.cuda.CUDAGraph
@@ -70,11 +77,8 @@ class DecodeGraphs:
         return self.capture_seconds[size]
 
     def _capture_one(self, size: int) -> DecodeGraph:
-        layout = StepLayout(tokens=size, samples=size, seqs=size, max_blocks=self.max_blocks)
         device = self.kv.device
-        idle = StepInput([0] * size, [0] * size, [-1] * size, [1] * size, [0] * size, [[]] * size,
-                         list(range(size)), [])
-        flat = torch.from_numpy(layout.pack(idle)).to(device)
+        layout, flat = idle_inputs(size, self.max_blocks, device)
         ids, positions, samples, meta = layout.unpack(flat, max_query_len=1)
         hidden = None if self.stage.is_first else torch.zeros(size, self.hidden_size, dtype=self.dtype,
                                                                 device=device)

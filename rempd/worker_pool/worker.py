@@ -21,6 +21,7 @@ from rempd.shm_store.store import WeightStore
 from rempd.topology import Placement, kv_heads_per_rank
 from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
+from rempd.worker_pool.kernel_warmup import WarmupShape, warm_kernels
 from rempd.worker_pool.pending_tokens import PendingTokens, tokens_to_host
 from rempd.worker_pool.stage_builder import build_stage
 from rempd.worker_pool.step_channel import StepChannel
@@ -185,6 +186,9 @@ class Worker:
         max_blocks = -(-stage.rotary.cos.shape[0] // kv.shape[3])  # kv: [layers, 2, blocks, block_size, ...]
         return self.runner.capture(stage, kv, self.setup.model.hidden_size, max_blocks, max_batch, batch_sizes,
                                    staged)
+
+    def warm_kernels(self, tp_sizes: list[int], shape: WarmupShape) -> float:
+        return warm_kernels(self.setup.model, self.dtype, self.device, self.runner.kernels, tp_sizes, shape)
 
     def prepare_groups(self, placement: Placement) -> int:
         return links.prepare_groups(self, placement)
