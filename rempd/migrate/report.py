@@ -44,6 +44,19 @@ class SwitchReport:
     started_at: float = field(default_factory=time.time)
     total_seconds: float = 0.0
 
+    def add_transform(self, workers: list[dict]) -> None:
+        """Fold in the workers' transform reports: the slowest worker's seconds per step, and on GPU the memory of
+        the worker where plan's memory model was least safe."""
+        for result in workers:
+            for name, seconds in result["phases"].items():
+                self.transform_detail[name] = max(self.transform_detail.get(name, 0.0), seconds)
+        worst = max((r for r in workers if "extra_bytes" in r), default=None,
+                    key=lambda r: r["extra_bytes"] - r["predicted_extra_bytes"])
+        if worst is not None:
+            self.peak_extra_bytes = worst["extra_bytes"]
+            self.priced_extra_bytes = worst["predicted_extra_bytes"]
+            self.outside_growth_bytes = max(r["outside_growth_bytes"] for r in workers)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -187,15 +187,7 @@ class SwitchTransaction:
                                        max_len, engine.config.switch_round_bytes, self.keep_pool,
                                        workers=involved)
             self._leave("transform", start)
-            for result in results:
-                for name, seconds in result["phases"].items():
-                    report.transform_detail[name] = max(report.transform_detail.get(name, 0.0), seconds)
-            worst = max((r for r in results if "extra_bytes" in r), default=None,
-                        key=lambda r: r["extra_bytes"] - r["predicted_extra_bytes"])
-            if worst is not None:  # where plan's memory model is least safe
-                report.peak_extra_bytes = worst["extra_bytes"]
-                report.priced_extra_bytes = worst["predicted_extra_bytes"]
-                report.outside_growth_bytes = max(r["outside_growth_bytes"] for r in results)
+            report.add_transform(results)
 
             start = self._enter("commit")
             self._commit(plan, live, num_blocks)
