@@ -2,8 +2,9 @@
 
 The kernels take per-TP-rank sizes as constexprs (rotary_store's head counts, silu_mul's width, the decode
 combine's heads, paged attention's GQA group), and whether a decode step splits its keys depends on the KV heads
-per rank: a worker's first switch into a TP size it had not run compiled them inside the switch's pause, in the
-commit's graph capture (4x H100, llama2-7b: 0.22-0.44 s there, against 0.01-0.08 s on later switches).
+per rank: without this, a worker's first switch into a TP size it had not run compiles them inside the switch's
+pause, in the commit's graph capture (4x H100, llama2-7b: the first switch into a TP size spent 0.22-0.44 s
+capturing, later ones 0.01-0.08 s; how much of that was compiling is still to be measured).
 
 Triton also specializes on dtypes and on the 16-divisibility of integer arguments and pointers, so the dummy steps
 run here are laid out as real ones: each decode graph bucket's padded inputs exactly as captured (same layout, same
