@@ -96,7 +96,7 @@ def cell_order(topologies: list[str]) -> list[tuple[str, str]]:
     stack, circuit = [topologies[0]], []
     while stack:
         if left[stack[-1]]:
-            stack.append(left[stack[-1]].pop(0))
+            stack.append(left[stack[-1]].pop())
         else:
             circuit.append(stack.pop())
     circuit.reverse()

@@ -94,11 +94,17 @@ def start_daemon(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def faulty_daemon(checkpoints, tmp_path_factory):
+def daemon_flags() -> list[str]:
+    """More `rempd serve` flags for a module's faulty_daemon (a module overrides this fixture)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def faulty_daemon(checkpoints, tmp_path_factory, daemon_flags):
     """One tiny-llama daemon per test module, with fault injection on (tests slow, break or collide switches)."""
     running = RunningDaemon(checkpoints["tiny-llama"], tmp_path_factory.mktemp("daemon"),
                             env={"REMP_ENABLE_FAULT_INJECTION": "1"},
                             # small rounds, so the switch tests cross many of them
-                            extra=["--switch-round-bytes", "64KiB"])
+                            extra=["--switch-round-bytes", "64KiB", *daemon_flags])
     yield running
     running.stop()
