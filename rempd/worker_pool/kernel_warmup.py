@@ -15,6 +15,7 @@ only the launches matter."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from rempd.model.sharding import even_range
 from rempd.topology import kv_heads_per_rank
 from rempd.worker_pool.cuda_graphs import buckets_up_to, idle_inputs
 from rempd.worker_pool.step_tensors import to_device
+
+log = logging.getLogger("rempd.kernels")
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,11 @@ def warm_kernels(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ker
     if device.type != "cuda" or not kernels:
         return 0.0
     start = time.perf_counter()
-    run_warmup(cfg, dtype, device, tp_sizes, shape)
-    torch.cuda.synchronize(device)
+    try:
+        run_warmup(cfg, dtype, device, tp_sizes, shape)
+        torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - only a speed-up: a step compiles what this did not
+        log.warning("kernel warm-up failed; the first step of each TP size compiles its kernels", exc_info=True)
     # the KV pool is sized from the driver's free memory: hand back the dummies' cached blocks first
     torch.cuda.empty_cache()
     return time.perf_counter() - start
