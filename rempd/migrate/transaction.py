@@ -152,7 +152,9 @@ class SwitchTransaction:
         try:
             start = self._enter("plan")
             plan = make_plan(engine, self.target)
+            report.plan_detail["placement"] = time.perf_counter() - start
             fresh_blocks = check_capacity(engine, plan)
+            report.plan_detail["capacity"] = time.perf_counter() - start - report.plan_detail["placement"]
             num_blocks, report.kv_pool_kept = choose_pool(engine, plan, fresh_blocks)
             if not self.keep_pool:
                 num_blocks, report.kv_pool_kept = fresh_blocks, False
