@@ -77,13 +77,13 @@ def overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
     return (start, stop) if start < stop else None
 
 
-def _stay_bytes(geo: ModelGeometry, old: Shard | None, new: Shard, live_blocks: int, block_size: int) -> int:
-    """What `new` would keep if it ran where `old` runs now: weights plus live KV."""
+def _stay_bytes(geo: ModelGeometry, old: Shard | None, new: Shard, live_blocks: int, block_size: int,
+                held: dict[str, tuple[int, int]], wanted: dict[str, tuple[int, int]]) -> int:
+    """What `new` (rows `wanted`) would keep if it ran where `old` (rows `held`) runs now: weights plus live KV."""
     if old is None:
         return 0
-    held = geo.holdings(old)
     total = 0
-    for name, rows in geo.holdings(new).items():
+    for name, rows in wanted.items():
         common = overlap(rows, held[name]) if name in held else None
         if common:
             total += (common[1] - common[0]) * geo.row_bytes[name]
@@ -100,11 +100,13 @@ def choose_placement(geo: ModelGeometry, old: Placement, target: Topology, num_d
     """Assign the target's shards to devices so that the most bytes stay where they are (Kuhn–Munkres)."""
     default = Placement.default(target)
     slots = [shard_of(geo.cfg, default, w) for w in default.workers]
+    olds = [shard_of(geo.cfg, old, device) for device in range(num_devices)]
+    held = [geo.holdings(s) if s else {} for s in olds]
     gain = np.zeros((len(slots), num_devices))
     for i, slot in enumerate(slots):
+        wanted = geo.holdings(slot)
         for device in range(num_devices):
-            old_shard = shard_of(geo.cfg, old, device)
-            gain[i, device] = _stay_bytes(geo, old_shard, slot, live_blocks, block_size)
+            gain[i, device] = _stay_bytes(geo, olds[device], slot, live_blocks, block_size, held[device], wanted)
     # ties go to the lower device index, so an idle switch is stable and predictable
     gain -= np.arange(num_devices)[None, :] * 1e-9 * max(1.0, gain.max())
     rows, cols = linear_sum_assignment(gain, maximize=True)
@@ -142,14 +144,14 @@ def _weight_pieces(geo: ModelGeometry, old: Placement, new: Placement) -> list[W
 
 def _kv_pieces(geo: ModelGeometry, old: Placement, new: Placement) -> list[KVPiece]:
     pieces = []
+    held = [(w, s.layers, geo.kv_heads(s)) for w in old.workers if (s := shard_of(geo.cfg, old, w)) is not None]
     for dst in new.workers:
         want = shard_of(geo.cfg, new, dst)
         want_heads = geo.kv_heads(want)
         for layer in want.layers:
             for head in want_heads:
                 # a replicated head is read from one replica: this worker if it has one, else the first
-                holders = [w for w in old.workers if layer in (s := shard_of(geo.cfg, old, w)).layers
-                           and head in geo.kv_heads(s)]
+                holders = [w for w, layers, heads in held if layer in layers and head in heads]
                 src = dst if dst in holders else holders[0]
                 pieces.append(KVPiece(src, dst, range(layer, layer + 1), range(head, head + 1)))
     return _merge_kv(pieces)
