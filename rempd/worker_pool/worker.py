@@ -249,4 +249,3 @@ class Worker:
         self.store.close()
         if self.channel is not None:
             self.channel.close()
-
