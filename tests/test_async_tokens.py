@@ -8,9 +8,9 @@ import pytest
 
 import fault_tools
 from rempd import LLM, SamplingParams
-from rempd.migrate.report import SwitchReport
 from rempd.topology import Topology
 from rempd.worker_pool.pool import WorkerError
+from token_log import TokenLog
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], list(range(20, 57)), [3] * 9, [40, 41], [12, 13, 14, 15, 16, 17]]
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
@@ -124,23 +124,16 @@ def test_live_switch_with_async_tokens(llm):
     try:
         for i in range(4):
             engine.add_request(f"s{i}", PROMPTS[i], GREEDY)
-        tokens = {f"s{i}": [] for i in range(4)}
-        steps = 0
+        tokens = TokenLog()
         for target in [None, None, None, Topology(1, 2), None, None, None, Topology(2, 1)]:
-            if target is not None:
-                if engine.placement.topology.pp == 1:
-                    assert len(engine.in_flight) == 2  # one step run ahead of the other
-                report = SwitchReport(id=str(target), source=str(engine.placement), target=str(target))
-                outputs = engine.switch(target, report)
-                assert report.state == "committed" and not engine.in_flight
-            else:
-                outputs = engine.step()
-                steps += 1
-            for out in outputs:
-                tokens[out.request_id] += out.new_token_ids
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens[out.request_id] += out.new_token_ids
+            if target is None:
+                tokens.add(engine.step())
+                continue
+            if engine.placement.topology.pp == 1:
+                assert len(engine.in_flight) == 2  # one step run ahead of the other
+            report = tokens.switch(engine, target)
+            assert report.state == "committed" and not engine.in_flight
+        tokens.finish(engine)
     finally:
         set_async(llm, False)
     assert [tokens[f"s{i}"] for i in range(4)] == [r.token_ids for r in reference]
@@ -156,10 +149,8 @@ def test_recovery_with_a_step_run_ahead(llm, monkeypatch):
     try:
         for i in range(3):
             engine.add_request(f"f{i}", PROMPTS[i], GREEDY)
-        tokens = {f"f{i}": [] for i in range(3)}
-        for _ in range(4):
-            for out in engine.step():
-                tokens[out.request_id] += out.new_token_ids
+        tokens = TokenLog()
+        tokens.steps(engine, 4)
         assert len(engine.in_flight) == 2
 
         def broken(*args, **kwargs):
@@ -167,14 +158,11 @@ def test_recovery_with_a_step_run_ahead(llm, monkeypatch):
 
         with monkeypatch.context() as patch:
             patch.setattr(engine.pool, "send_step", broken)
-            for out in engine.step():  # its tokens were in before the send of the next step failed
-                tokens[out.request_id] += out.new_token_ids
+            tokens.add(engine.step())  # its tokens were in before the send of the next step failed
             with pytest.raises(WorkerError, match="not reachable"):
                 engine.step()
         engine.recover("test")
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens[out.request_id] += out.new_token_ids
+        tokens.finish(engine)
     finally:
         set_async(llm, False)
     assert [tokens[f"f{i}"] for i in range(3)] == [r.token_ids for r in reference]

@@ -7,6 +7,7 @@ from rempd import LLM, SamplingParams
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.topology import Topology
+from token_log import TokenLog
 
 pytestmark = pytest.mark.gpu
 PROMPT = [128000] + [(37 * i + 11) % 120000 + 100 for i in range(60)]
@@ -127,14 +128,10 @@ def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
         engine = llm.engine
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, GREEDY_LONG)
-        got = {f"r{i}": [] for i in range(2 * len(PROMPTS))}
+        got = TokenLog()
         for tp, pp in chain:
-            for _ in range(4):  # the 24-token requests are still running at the last switch
-                for out in engine.step():
-                    got[out.request_id] += out.new_token_ids
-            report = SwitchReport(id=f"{tp}{pp}", source=str(engine.placement), target=f"TP{tp}PP{pp}")
-            for out in engine.switch(Topology(tp, pp), report):  # micro-batches that finished while quiescing
-                got[out.request_id] += out.new_token_ids
+            got.steps(engine, 4)  # the 24-token requests are still running at the last switch
+            report = got.switch(engine, Topology(tp, pp))
             assert report.state == "committed", report.error
             assert report.transform_detail["graph_capture"] > 0
         captured = engine.pool.call("info", workers=engine.active)
@@ -142,9 +139,7 @@ def test_graphs_are_recaptured_after_live_switches(llama1b, fp32_reference):
         assert all(set(i["graph_capture_by_batch"]) == {4} for i in captured), captured
         for i, prompt in enumerate(PROMPTS):  # 12 sequences: micro-batches of 6 need the bucket of 8
             engine.add_request(f"r{len(PROMPTS) + i}", prompt, GREEDY_LONG)
-        while engine.has_unfinished():
-            for out in engine.step():
-                got[out.request_id] += out.new_token_ids
+        got.finish(engine)
         infos = engine.pool.call("info", workers=engine.active)
     assert [got[f"r{i}"] for i in range(2 * len(PROMPTS))] == tokens + tokens
     assert all(i["graph_steps"] > 0 and i["graph_lazy_captures"] > 0 for i in infos), infos
@@ -160,28 +155,22 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
     tokens, _ = fp32_reference
     with LLM(llama1b, tp=2, pp=1, devices=[0, 1], **FP32) as llm:
         engine = llm.engine
-        got: dict[str, list[int]] = {}
+        got = TokenLog()
         reports = []
         for tp, pp in [(1, 2), (2, 1)]:  # each switch with a fresh set of the requests live through it
             for i, prompt in enumerate(PROMPTS):
-                got[f"{tp}{pp}-{i}"] = []
                 engine.add_request(f"{tp}{pp}-{i}", prompt, LIVE_THROUGH)
-            for _ in range(4):
-                for out in engine.step():
-                    got[out.request_id] += out.new_token_ids
+            got.steps(engine, 4)
             report = SwitchReport(id=f"{tp}{pp}", source=str(engine.placement), target=f"TP{tp}PP{pp}")
             staged = StagedSwitch(engine, Topology(tp, pp), report, engine.links, StagingOptions())
             outputs = engine.quiesce() + staged.begin()  # as the daemon does: no micro-batch in flight
             while not staged.finished:
                 outputs += engine.step() + staged.advance()
-            for out in outputs:
-                got[out.request_id] += out.new_token_ids
+            got.add(outputs)
             assert report.state == "committed" and report.mode == "staged", (report.error, report.mode_reason)
             captured = [i["graph_capture_by_batch"] for i in engine.pool.call("info", workers=engine.active)]
             reports.append((report, captured))
-            while engine.has_unfinished():
-                for out in engine.step():
-                    got[out.request_id] += out.new_token_ids
+            got.finish(engine)
     heads = [got[f"{tp}{pp}-{i}"][:GREEDY_LONG.max_tokens] for tp, pp in [(1, 2), (2, 1)] for i in range(len(PROMPTS))]
     assert heads == tokens + tokens
     for report, captured in reports:
@@ -204,15 +193,11 @@ def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llam
         geo = ModelGeometry(engine.model_config, "float32")
         for i, prompt in enumerate(PROMPTS):
             engine.add_request(f"r{i}", prompt, GREEDY_LONG)
-        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        got = TokenLog()
         for tp, pp in chain:
-            for _ in range(3):
-                for out in engine.step():
-                    got[out.request_id] += out.new_token_ids
+            got.steps(engine, 3)
             old = engine.placement
-            report = SwitchReport(id=f"{tp}{pp}", source=str(old), target=f"TP{tp}PP{pp}")
-            for out in engine.switch(Topology(tp, pp), report):
-                got[out.request_id] += out.new_token_ids
+            report = got.switch(engine, Topology(tp, pp))
             assert report.state == "committed" and report.in_place, report.error
             results = engine.pool.call("last_switch_report")
             for worker in sorted(set(old.workers) | set(engine.placement.workers)):
@@ -220,7 +205,5 @@ def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llam
                 assert result["extra_bytes"] <= result["predicted_extra_bytes"] + (32 << 20), (tp, pp, worker, result)
                 if all(shards):
                     assert result["extra_bytes"] < geo.weight_bytes(shards[1]), (tp, pp, worker, result)
-        while engine.has_unfinished():
-            for out in engine.step():
-                got[out.request_id] += out.new_token_ids
+        got.finish(engine)
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens

@@ -4,13 +4,13 @@ whose workers' logs show each old allocation freed, and really gone, before late
 import asyncio
 
 from rempd import LLM, SamplingParams
-from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.model.config import ModelConfig
 from rempd.model.make_checkpoint import shape_config
 from rempd.topology import Topology
 from rempd.worker_pool.device_memory import CPU_DEVICE_BYTES_ENV
 from test_switch_live import stream_through_switches
+from token_log import TokenLog
 
 PROMPTS = [f"Stream {i}: hello" for i in range(4)]
 MAX_TOKENS = 40
@@ -73,21 +73,15 @@ def test_forced_layer_order_frees_old_layers_before_later_ones_are_built(checkpo
         engine = llm.engine
         for i, prompt in enumerate(prompts):
             engine.add_request(f"r{i}", prompt, greedy)
-        got = {f"r{i}": [] for i in range(len(prompts))}
+        got = TokenLog()
         for tp, pp in [(2, 1), (1, 4), (2, 2), (4, 1)]:  # 4 → 2, 2 → 4 devices, then PP and TP change on 4
-            for _ in range(3):
-                for out in engine.step():
-                    got[out.request_id] += out.new_token_ids
+            got.steps(engine, 3)
             old = engine.placement
-            report = SwitchReport(id=f"{tp}{pp}", source=str(old), target=f"TP{tp}PP{pp}")
-            for out in engine.switch(Topology(tp, pp), report):
-                got[out.request_id] += out.new_token_ids
+            report = got.switch(engine, Topology(tp, pp))
             assert report.state == "committed" and report.in_place, report.error
             for worker, result in enumerate(engine.pool.call("last_switch_report")):
                 sizes = [geo.weight_bytes(s) if s else 0 for s in (shard_of(geo.cfg, p, worker)
                                                                    for p in (old, engine.placement))]
                 check_log(result["in_place_log"], *sizes)
-        while engine.has_unfinished():
-            for out in engine.step():
-                got[out.request_id] += out.new_token_ids
+        got.finish(engine)
     assert [got[f"r{i}"] for i in range(len(prompts))] == reference
