@@ -123,7 +123,7 @@ def recover(engine, reason: str) -> RecoveryRecord:
     record.phases["spawn"] = time.perf_counter() - begin - record.phases["close"]
     engine.devices = list(engine.device_slots.devices)
     warm_links(engine)
-    warm_kernels(engine)  # fresh processes: Triton's disk cache makes this quick
+    warm_kernels(engine)  # fresh processes; Triton's disk cache holds what start-up compiled
     failures = []
     for topology in candidate_topologies(old.topology, len(engine.devices), engine.model_config):
         placement = old if topology == old.topology and not record.lost_devices else Placement.default(topology)

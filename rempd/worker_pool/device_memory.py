@@ -68,7 +68,7 @@ def kv_capacity(worker, placement: Placement, block_size: int, plan: SwitchPlan 
         held = worker.info()
         budget += held["kv_bytes"] + held["weight_bytes"] - worker.geometry.weight_bytes(shard)
         if plan is not None:
-            budget -= sum(kv_bytes(plan, worker.setup.index)) + SWITCH_SLACK_BYTES
+            budget -= sum(kv_bytes(plan, worker.setup.index)) + switch_slack(worker)
     return budget // shape.bytes_per_block
 
 
