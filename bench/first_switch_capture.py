@@ -67,7 +67,7 @@ def main() -> None:
         for variant in ("cold", "warm"):
             env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(dir=tmp)}
             out = subprocess.run([sys.executable, __file__, "--model", model, "--devices", args.devices,
-                                  "--one", variant], env=env, check=True, capture_output=True, text=True).stdout
+                                  "--one", variant], env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     if args.out:
