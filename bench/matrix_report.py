@@ -1,6 +1,7 @@
 """Markdown table and heatmap PNG (like the paper's figure 5) from bench/switch_matrix.py results.
 
 python bench/matrix_report.py bench/results/switch_matrix_llama2-7b_h100x4.json [--png out.png]
+    [--restarts restart_a.json restart_b.json]   (restarts measured by `switch_matrix.py --restart-only` runs)
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def table(results: dict) -> str:
         ratios = [restarts[c["target"]] / c["median_total_s"] for c in done if restarts.get(c["target"])]
         lines.append("")
         lines.append(f"{len(done)} switches: median {statistics.median(totals):.3f} s (max {max(totals):.3f} s); "
-                     f"restart / switch min {min(ratios, default=float('nan')):.0f}×; prediction error median "
+                     f"{f'restart / switch min {min(ratios):.0f}×' if ratios else 'no restarts in this run'}; "
+                     f"prediction error median "
                      f"{100 * statistics.median(errors):.0f} % (max {100 * max(errors):.0f} %)")
     return "\n".join(lines)
 
@@ -90,8 +92,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--png")
+    ap.add_argument("--restarts", nargs="*", default=[], help="results of --restart-only runs to show beside")
     args = ap.parse_args()
     results = json.loads(Path(args.results).read_text())
+    for path in args.restarts:
+        results.setdefault("restarts", {}).update(json.loads(Path(path).read_text())["restarts"])
     print(table(results))
     if args.png:
         heatmap(results, Path(args.png))

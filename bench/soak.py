@@ -85,7 +85,9 @@ async def run_soak(url: str, socket_path: str, pid: int, model: str, args) -> di
                 target = home if back and current != home else rng.choice([t for t in targets if t != current])
                 report = await asyncio.to_thread(switch, ctl, target)
                 reports.append({k: report.get(k) for k in ("id", "state", "target", "error", "total_seconds",
-                                                             "requests_live", "requests_preempted")})
+                                                             "requests_live", "requests_preempted",
+                                                             "peak_extra_bytes", "priced_extra_bytes",
+                                                             "outside_growth_bytes")})
                 if report.get("state") == "committed":
                     current = target
                 if current == home and back:

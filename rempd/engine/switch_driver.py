@@ -41,7 +41,7 @@ class SwitchDriver:
     def plan(self, target: Topology | Placement) -> dict:
         engine = self.engine
         plan = make_plan(engine, target)
-        num_blocks, kept = choose_pool(engine, plan, check_capacity(engine, plan))
+        num_blocks, kept = choose_pool(engine, *check_capacity(engine, plan))
         geo = ModelGeometry(engine.model_config, engine.template.dtype)
         fresh_pool = 0 if kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
         buckets = live_buckets(engine, plan.new.topology.pp)

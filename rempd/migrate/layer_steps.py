@@ -36,15 +36,17 @@ def piece_unit(plan: SwitchPlan, piece: WeightPiece) -> int:
     return unit_of(piece.name, plan.new.coords(piece.dst)[0] == 0, plan.num_layers)
 
 
-def old_allocations(plan: SwitchPlan, geo: ModelGeometry) -> dict[tuple[int, str], tuple[int, set[int]]]:
+def old_allocations(plan: SwitchPlan, geo: ModelGeometry,
+                    only: int | None = None) -> dict[tuple[int, str], tuple[int, set[int]]]:
     """(old worker, allocation) → its bytes and the units whose building reads it (none: freed before the first
-    step). Fused tensors (model/sharding.fused_name) are one allocation: freed when all of it is read."""
+    step), for every old worker or `only` one. Fused tensors (model/sharding.fused_name) are one allocation: freed
+    when all of it is read."""
     read_by: dict[tuple[int, str], set[int]] = {}
     for piece in plan.weights:
-        if piece.src is not None:
+        if piece.src is not None and only in (None, piece.src):
             read_by.setdefault((piece.src, fused_name(piece.name)), set()).add(piece_unit(plan, piece))
     found: dict[tuple[int, str], tuple[int, set[int]]] = {}
-    for worker in plan.old.workers:
+    for worker in plan.old.workers if only is None else [only]:
         shard = shard_of(geo.cfg, plan.old, worker)
         for name, (start, stop) in geo.holdings(shard).items():
             key = (worker, fused_name(name))
@@ -133,6 +135,6 @@ def free_steps(plan: SwitchPlan, geo: ModelGeometry, me: int, steps: list[Step])
     if old is None:
         return {}
     step_of = step_of_units(steps)
-    allocations = old_allocations(plan, geo)
+    allocations = old_allocations(plan, geo, only=me)
     return {name: max((step_of[u] for u in allocations[(me, fused_name(name))][1]), default=-1)
             for name in geo.tensor_names(old)}

@@ -153,6 +153,7 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     from rempd.migrate.in_place import InPlaceBuild
     from rempd.migrate.shards import shard_of
     from rempd.migrate.transform_memory import transform_extra
+    from rempd.worker_pool.device_memory import reusable_blocks
     from rempd.worker_pool.stage_builder import build_stage
 
     me, cfg, geo, dev, dtype = worker.setup.index, worker.setup.model, worker.geometry, worker.device, worker.dtype
@@ -163,7 +164,7 @@ def switch_shard(worker, plan: SwitchPlan, live_blocks: list[int], num_blocks: i
     live = torch.tensor(live_blocks, dtype=torch.long, device=dev)
     packed = pack_kv(plan, me, old_shard, geo.kv_heads(old_shard) if old_shard else None, worker.kv, live)
     clock.mark("kv_pack")
-    reuse = keep_pool and worker.reusable_blocks(plan, block_size, round_bytes) >= num_blocks > 0
+    reuse = keep_pool and reusable_blocks(worker, plan, block_size, round_bytes) >= num_blocks > 0
     if not reuse:
         worker.drop_pool()
         if dev.type == "cuda":  # hand the old pool back now, so the new weights cannot split its memory

@@ -63,7 +63,7 @@ class StagedSwitch:
         try:
             start = self._enter("plan")
             self.plan = make_plan(engine, self.target)
-            self.capacity = check_capacity(engine, self.plan)
+            self.capacity = check_capacity(engine, self.plan)[0]
             report.placement, report.bytes_by_source = list(self.plan.new.workers), self.plan.bytes_by_source
             reason = self.budget.unfit(self.plan, self.capacity)
             self._leave("plan", start)

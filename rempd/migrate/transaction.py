@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import replace
 from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
@@ -76,41 +75,40 @@ def choose_order(mode: str, topology: Topology, devices: list[str], headrooms: l
     return True
 
 
-def check_capacity(engine, plan: SwitchPlan) -> int:
-    """Blocks the new pool will have; chooses the transform's order (plan.layer_steps); refuses a target whose
-    transform cannot fit or that cannot hold one full-length sequence."""
+def check_capacity(engine, plan: SwitchPlan) -> tuple[int, int]:
+    """(fresh, kept): the blocks a fresh pool would have, and those every new worker's pool memory holds in the
+    target's shape if kept (0: the transform does not fit beside it). Chooses the transform's order
+    (plan.layer_steps); refuses a target whose transform cannot fit or that cannot hold one full-length sequence.
+    One call asks every involved worker all of it."""
     config = engine.config
     # quiesce finishes the steps in flight (a micro-batch per stage and one sent ahead), each of which may give
     # every running sequence one more block: the live KV held beside the new pool is priced with that growth
     growth = len(engine.scheduler.running) * (engine.placement.topology.pp + 1)
-    held = replace(plan, num_live_blocks=plan.num_live_blocks + growth)
-    capacities = engine.pool.call("kv_capacity", plan.new, config.block_size, held, workers=list(plan.new.workers))
-    num_blocks = min(capacities)
     involved = sorted(set(plan.old.workers) | set(plan.new.workers))
     geo = ModelGeometry(engine.model_config, engine.template.dtype)
     if config.switch_in_place != "never":  # the workers price both orders
         plan.layer_steps = layer_steps(plan, geo, config.switch_round_bytes)
-    headrooms = engine.pool.call("transform_headroom", plan, config.switch_round_bytes, workers=involved)
-    if not choose_order(config.switch_in_place, plan.new.topology, [engine.devices[w] for w in involved], headrooms):
+    budgets = dict(zip(involved, engine.pool.call("switch_budget", plan, config.block_size,
+                                                  config.switch_round_bytes, growth, workers=involved)))
+    if not choose_order(config.switch_in_place, plan.new.topology, [engine.devices[w] for w in involved],
+                        [budgets[w].headroom for w in involved]):
         plan.layer_steps = None
+    fresh = min(budgets[w].capacity for w in plan.new.workers)
     needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
-    if num_blocks < needed:
-        raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {num_blocks} KV blocks, "
+    if fresh < needed:
+        raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {fresh} KV blocks, "
                             f"{needed} needed for one {engine.max_model_len}-token sequence")
-    return num_blocks
+    return fresh, min(budgets[w].kept_blocks[plan.in_place] for w in plan.new.workers)
 
 
 REUSE_SHARE = 0.9  # a switch keeps the pools' memory if that costs at most a tenth of the KV capacity
 
 
-def choose_pool(engine, plan: SwitchPlan, fresh_blocks: int) -> tuple[int, bool]:
+def choose_pool(engine, fresh_blocks: int, kept_blocks: int) -> tuple[int, bool]:
     """(blocks, kept): keep every new worker's pool memory, viewed in the new shape (nothing freed, allocated or
     zeroed), when it holds nearly what a fresh pool would; else size a fresh pool."""
-    config = engine.config
-    kept = min(engine.pool.call("reusable_blocks", plan, config.block_size, config.switch_round_bytes,
-                                workers=list(plan.new.workers)))
-    if kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh_blocks):
-        return kept, True
+    if kept_blocks >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh_blocks):
+        return kept_blocks, True
     return fresh_blocks, False
 
 
@@ -153,9 +151,9 @@ class SwitchTransaction:
             start = self._enter("plan")
             plan = make_plan(engine, self.target)
             report.plan_detail["placement"] = time.perf_counter() - start
-            fresh_blocks = check_capacity(engine, plan)
+            fresh_blocks, kept_blocks = check_capacity(engine, plan)
             report.plan_detail["capacity"] = time.perf_counter() - start - report.plan_detail["placement"]
-            num_blocks, report.kv_pool_kept = choose_pool(engine, plan, fresh_blocks)
+            num_blocks, report.kv_pool_kept = choose_pool(engine, fresh_blocks, kept_blocks)
             if not self.keep_pool:
                 num_blocks, report.kv_pool_kept = fresh_blocks, False
             self._leave("plan", start)

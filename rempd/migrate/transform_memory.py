@@ -71,8 +71,14 @@ def transform_extra(plan: SwitchPlan, geo: ModelGeometry, me: int, round_bytes: 
     return transform_bytes(plan, me, geo.weight_bytes(shard) if shard else 0, round_bytes)
 
 
+def transform_extras(plan: SwitchPlan, geo: ModelGeometry, me: int, round_bytes: int) -> tuple[int, int]:
+    """transform_extra in plain order and in the plan's layer order (plain again when it has none)."""
+    plain = transform_extra(replace(plan, layer_steps=None), geo, me, round_bytes)
+    return plain, transform_extra(plan, geo, me, round_bytes) if plan.in_place else plain
+
+
 def headrooms(plan: SwitchPlan, geo: ModelGeometry, me: int, round_bytes: int, room: int) -> tuple[int, int]:
     """What a worker with `room` bytes beyond its old shard has left at the transform's peak (negative: short),
     in plain order and in the plan's layer order."""
-    plain = replace(plan, layer_steps=None)
-    return room - transform_extra(plain, geo, me, round_bytes), room - transform_extra(plan, geo, me, round_bytes)
+    plain, layered = transform_extras(plan, geo, me, round_bytes)
+    return room - plain, room - layered

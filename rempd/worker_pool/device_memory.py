@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
 from rempd.engine.kv_cache import kv_budget_bytes
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.shards import shard_of
-from rempd.migrate.transform_memory import headrooms, kv_bytes, transform_extra
+from rempd.migrate.transform_memory import kv_bytes, transform_extra, transform_extras
 from rempd.topology import Placement
 
 RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL's own needs
@@ -72,27 +73,46 @@ def kv_capacity(worker, placement: Placement, block_size: int, plan: SwitchPlan 
     return budget // shape.bytes_per_block
 
 
-def reusable_blocks(worker, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
-    """Blocks of the target's shape that this worker's pool memory holds, if the switch can keep that memory
-    (the transform, in the plan's order, fits beside it): no free, allocation or zeroing of the pool. 0 if not."""
+def pool_blocks(worker, plan: SwitchPlan, block_size: int) -> int:
+    """Blocks of the target's shape that this worker's pool memory holds as it is (0: no pool or no new shard)."""
     shard = shard_of(worker.setup.model, plan.new, worker.setup.index)
     if shard is None or worker.kv_buffer is None:
         return 0
-    if checks_memory(worker):
-        extra = transform_extra(plan, worker.geometry, worker.setup.index, round_bytes)
-        if spare_bytes(worker) < extra + switch_slack(worker):
-            return 0
     return worker.kv_shape_for(shard, block_size).blocks_in(worker.kv_buffer)
 
 
-def transform_headroom(worker, plan: SwitchPlan, round_bytes: int) -> tuple[int, int] | None:
-    """Bytes this device has left at the transform's peak with its pool freed (negative: it would run out), in
-    plain order (old and new shards coexist) and in the plan's layer order; None on CPU, whose workers share the
-    host's memory."""
+def reusable_blocks(worker, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
+    """Blocks of the target's shape that this worker's pool memory holds, if the switch can keep that memory
+    (the transform, in the plan's order, fits beside it): no free, allocation or zeroing of the pool. 0 if not."""
+    blocks = pool_blocks(worker, plan, block_size)
+    if blocks and checks_memory(worker):
+        extra = transform_extra(plan, worker.geometry, worker.setup.index, round_bytes)
+        if spare_bytes(worker) < extra + switch_slack(worker):
+            return 0
+    return blocks
+
+
+@dataclass
+class SwitchBudget:
+    """One worker's memory for a planned switch, asked once per plan: the pool it could size, and the room its
+    transform leaves, in plain order and in the plan's layer order."""
+    capacity: int | None  # KV blocks of a fresh pool under the target; None: no shard there
+    # bytes left at the transform's peak with the pool freed (negative: short); None on CPU, where workers share
+    # the host's memory
+    headroom: tuple[int, int] | None
+    kept_blocks: tuple[int, int]  # blocks the pool's memory holds in the target's shape if it is kept; 0: no room
+
+
+def switch_budget(worker, plan: SwitchPlan, block_size: int, round_bytes: int, growth_blocks: int) -> SwitchBudget:
+    """growth_blocks: live KV blocks the steps still in flight may add before the switch (held beside the pool)."""
+    held = replace(plan, num_live_blocks=plan.num_live_blocks + growth_blocks)
+    capacity = kv_capacity(worker, plan.new, block_size, held)
+    blocks = pool_blocks(worker, plan, block_size)
     if not checks_memory(worker):
-        return None
-    me, geo = worker.setup.index, worker.geometry
+        return SwitchBudget(capacity, None, (blocks, blocks))
+    extras = transform_extras(plan, worker.geometry, worker.setup.index, round_bytes)
     room = spare_bytes(worker) - switch_slack(worker)
+    kept = tuple(blocks if room >= extra else 0 for extra in extras)
     if worker.device.type == "cuda" and worker.kv is not None:
         room += worker.kv.numel() * worker.kv.element_size()
-    return headrooms(plan, geo, me, round_bytes, room)
+    return SwitchBudget(capacity, tuple(room - extra for extra in extras), kept)

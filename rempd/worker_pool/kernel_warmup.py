@@ -4,7 +4,9 @@ The kernels take per-TP-rank sizes as constexprs (rotary_store's head counts, si
 combine's heads, paged attention's GQA group), and whether a decode step splits its keys depends on the KV heads
 per rank: without this, a worker's first switch into a TP size it had not run compiles them inside the switch's
 pause, in the commit's graph capture (4x H100, llama2-7b: the first switch into a TP size spent 0.22-0.44 s
-capturing, later ones 0.01-0.08 s; how much of that was compiling is still to be measured).
+capturing, later ones 0.01-0.08 s). Compiling them here cut that first capture to 0.15-0.23 s (session 5,
+bench/first_switch_capture.py), so the matmuls of each rank's weight shapes run here too: cuBLAS picks and loads a
+kernel per shape on first use, which a first capture in a new TP size would otherwise pay.
 
 Triton also specializes on dtypes and on the 16-divisibility of integer arguments and pointers, so the dummy steps
 run here are laid out as real ones: each decode graph bucket's padded inputs exactly as captured (same layout, same
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from rempd.engine.kv_cache import KVShape
 from rempd.engine.step_input import StepInput
@@ -49,12 +52,38 @@ class RankWidths:
     q_heads: int
     kv_heads: int
     intermediate: tuple[int, ...]  # gate/up widths of the ranks: the last one is narrower when tp does not divide
+    vocab: tuple[int, ...]  # LM head rows of the ranks, likewise
 
 
 def rank_widths(cfg: ModelConfig, tp: int) -> RankWidths:
-    widths = {stop - start for start, stop in (even_range(cfg.intermediate_size, tp, r) for r in range(tp))}
-    return RankWidths(cfg.num_heads // tp, kv_heads_per_rank(cfg.num_kv_heads, tp),
-                      tuple(sorted(w for w in widths if w > 0)))
+    def widths(total: int) -> tuple[int, ...]:
+        return tuple(sorted({stop - start for start, stop in (even_range(total, tp, r) for r in range(tp))} - {0}))
+
+    return RankWidths(cfg.num_heads // tp, kv_heads_per_rank(cfg.num_kv_heads, tp), widths(cfg.intermediate_size),
+                      widths(cfg.vocab_size))
+
+
+@dataclass
+class RankWeights:
+    """Uninitialised weights of one rank's shapes, laid out as LlamaStage holds them (values do not matter)."""
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_t: torch.Tensor
+    gate_up: list[torch.Tensor]  # per width in RankWidths.intermediate
+    down_t: list[torch.Tensor]
+    lm_head: list[torch.Tensor]  # per width in RankWidths.vocab
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, widths: RankWidths, dtype: torch.dtype, device: torch.device) -> "RankWeights":
+        hidden, head_dim = cfg.hidden_size, cfg.head_dim
+        qkv_rows = (widths.q_heads + 2 * widths.kv_heads) * head_dim
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        return cls(empty(qkv_rows, hidden), empty(qkv_rows) if cfg.attention_bias else None,
+                   empty(widths.q_heads * head_dim, hidden), [empty(2 * w, hidden) for w in widths.intermediate],
+                   [empty(w, hidden) for w in widths.intermediate], [empty(v, hidden) for v in widths.vocab])
 
 
 def warm_kernels(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, kernels: bool, tp_sizes: list[int],
@@ -87,8 +116,10 @@ def run_warmup(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp_si
         widths = rank_widths(cfg, tp)
         kv = KVShape(1, shape.block_size, widths.kv_heads, cfg.head_dim, dtype)
         layer_kv = kv.view(kv.allocate(num_blocks, device), num_blocks)[0]
+        weights = RankWeights.empty(cfg, widths, dtype, device)
         for _ids, positions, samples, meta in step_inputs(shape, max_blocks, widths.kv_heads, device):
-            run_layer(cfg, widths, rotary, layer_kv, positions, samples, meta, dtype)
+            run_layer(cfg, widths, weights, rotary, layer_kv, positions, samples, meta, dtype)
+        del weights, layer_kv
 
 
 def step_inputs(shape: WarmupShape, max_blocks: int, kv_heads: int,
@@ -126,23 +157,27 @@ def prefill_step(query_lens: list[int], block_size: int) -> StepInput:
                      [end - 1 for end in ends], [None] * len(query_lens))
 
 
-def run_layer(cfg: ModelConfig, widths: RankWidths, rotary: Rotary, kv: torch.Tensor, positions: torch.Tensor,
-              samples: torch.Tensor, meta: KernelMetadata, dtype: torch.dtype) -> None:
-    """The kernel launches of DecoderLayer.forward on one rank, and the last stage's final norm; the matmuls and
-    all-reduces between them only make fresh, contiguous tensors, as torch.zeros does here."""
+def run_layer(cfg: ModelConfig, widths: RankWidths, weights: RankWeights, rotary: Rotary, kv: torch.Tensor,
+              positions: torch.Tensor, samples: torch.Tensor, meta: KernelMetadata, dtype: torch.dtype) -> None:
+    """The launches of DecoderLayer.forward on one rank, and the last stage's final norm and LM head, each as the
+    model calls it; the all-reduces between them (warmed with the groups) only make fresh, contiguous tensors,
+    as torch.zeros does here."""
     ops, device, tokens = ops_for(meta), kv.device, positions.shape[0]
     eps, head_dim, hidden = cfg.rms_norm_eps, cfg.head_dim, cfg.hidden_size
     q_width, kv_width = widths.q_heads * head_dim, widths.kv_heads * head_dim
-    weight = torch.ones(hidden, dtype=dtype, device=device)
+    norm = torch.ones(hidden, dtype=dtype, device=device)
 
     def fresh(width: int) -> torch.Tensor:
         return torch.zeros(tokens, width, dtype=dtype, device=device)
 
-    _, residual = ops.add_rms_norm(fresh(hidden), None, weight, eps)  # a stage's first layer
-    q = ops.rotate_and_store(fresh(q_width + 2 * kv_width), positions, rotary, meta, kv, q_width, kv_width,
-                             head_dim)
-    meta.attend(q, kv[0], kv[1], head_dim ** -0.5)
-    _, residual = ops.add_rms_norm(fresh(hidden), residual, weight, eps)
-    for width in widths.intermediate:
-        ops.silu_mul(fresh(2 * width))
-    ops.add_rms_norm(fresh(hidden), residual, weight, eps, rows=samples)
+    h, residual = ops.add_rms_norm(fresh(hidden), None, norm, eps)  # a stage's first layer
+    q = ops.rotate_and_store(F.linear(h, weights.qkv, weights.qkv_bias), positions, rotary, meta, kv, q_width,
+                             kv_width, head_dim)
+    attn = meta.attend(q, kv[0], kv[1], head_dim ** -0.5)
+    attn.flatten(1) @ weights.o_t
+    h, residual = ops.add_rms_norm(fresh(hidden), residual, norm, eps)
+    for gate_up, down_t in zip(weights.gate_up, weights.down_t):
+        ops.silu_mul(F.linear(h, gate_up)) @ down_t
+    x, _ = ops.add_rms_norm(fresh(hidden), residual, norm, eps, rows=samples)
+    for lm_head in weights.lm_head:
+        F.linear(x, lm_head).float()

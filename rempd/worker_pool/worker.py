@@ -153,9 +153,6 @@ class Worker:
             return out.cpu().numpy()  # torch tensors would travel as shared-memory handles
         return sample(out, step.samples) if step.samples else None
 
-    def kv_capacity(self, placement: Placement, block_size: int, plan: SwitchPlan | None = None) -> int | None:
-        return device_memory.kv_capacity(self, placement, block_size, plan)
-
     def kv_shape_for(self, shard: Shard, block_size: int) -> KVShape:
         cfg = self.setup.model
         return KVShape(len(shard.layers), block_size, kv_heads_per_rank(cfg.num_kv_heads, shard.tp), cfg.head_dim,
@@ -168,11 +165,9 @@ class Worker:
     def drop_pool(self) -> None:
         self.kv = self.kv_buffer = None
 
-    def reusable_blocks(self, plan: SwitchPlan, block_size: int, round_bytes: int) -> int:
-        return device_memory.reusable_blocks(self, plan, block_size, round_bytes)
-
-    def transform_headroom(self, plan: SwitchPlan, round_bytes: int) -> tuple[int, int] | None:
-        return device_memory.transform_headroom(self, plan, round_bytes)
+    def switch_budget(self, plan: SwitchPlan, block_size: int, round_bytes: int,
+                      growth_blocks: int) -> device_memory.SwitchBudget:
+        return device_memory.switch_budget(self, plan, block_size, round_bytes, growth_blocks)
 
     def capture_graphs(self, max_batch: int, batch_sizes: list[int] | None = None, stage=None,
                        kv: torch.Tensor | None = None) -> float:
