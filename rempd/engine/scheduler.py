@@ -48,7 +48,12 @@ class Scheduler:
         """max_seqs caps the running sequences one batch takes, so that pp micro-batches share them."""
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
-        for seq in sorted(self.running, key=lambda s: s.arrival):
+        order = sorted(self.running, key=lambda s: s.arrival)
+        if max_seqs is not None:
+            # micro-batches: sequences with a step in flight (run-ahead candidates) go last, the least advanced
+            # first; in arrival order the oldest micro-batch would run ahead every time and starve the others
+            order.sort(key=lambda s: (s.in_flight > 0, s.num_output_tokens + s.num_pending if s.in_flight else 0))
+        for seq in order:
             if budget == 0 or (max_seqs is not None and len(batch.seqs) >= max_seqs):
                 break
             if seq.status is not SequenceStatus.RUNNING:
