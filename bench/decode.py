@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--async-tokens", action=argparse.BooleanOptionalAction, default=True,
                         help="EngineConfig.async_tokens: each step is sent before the previous one's tokens are in "
-                             "(at PP1 only; PP topologies run as without it)")
+                             "(at PP > 1 the last stage hands them to the first on the devices)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cpu = args.devices == "cpu"
@@ -199,7 +199,7 @@ def main() -> None:
 def print_table(result: dict) -> None:
     hf = {r["batch"]: r for r in result["transformers"]}
     print(f"\n{result['shape']} on {result['card']} ({result['commit']}), prompt {result['prompt']}, "
-          f"{result['gen']} generated; async tokens {'on (PP1 only)' if result['async_tokens'] else 'off'}; "
+          f"{result['gen']} generated; async tokens {'on' if result['async_tokens'] else 'off'}; "
           f"HBM copy {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s\n")
     print("| topology | batch | step ms | floor ms (mem + all-reduce) | step/floor | tok/s | transformers tok/s |")
     print("|---|---|---|---|---|---|---|")

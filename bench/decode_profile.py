@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=8, help="first decode steps left out of the medians")
     ap.add_argument("--trace-steps", type=int, default=16, help="graph steps whose kernels are traced")
     ap.add_argument("--async-tokens", action=argparse.BooleanOptionalAction, default=True,
-                    help="EngineConfig.async_tokens (at PP1 only): each step is sent before the previous one's "
+                    help="EngineConfig.async_tokens: each step is sent before the previous one's "
                          "tokens are in (the worker's 'done' stamp is then its launch, so compare wall and "
                          "driver_period)")
     ap.add_argument("--out", type=Path, required=True)
@@ -86,7 +86,7 @@ def main() -> None:
                                        text=True).stdout.strip(),
               "card": "cpu" if cpu else torch.cuda.get_device_name(devices[0]), "devices": devices or "cpu",
               "topology": str(topology), "prompt": args.prompt, "gen": args.gen,
-              "async_tokens": args.async_tokens and topology.pp == 1,  # the engine sends ahead at PP1 only
+              "async_tokens": args.async_tokens,
               "checkpoint_s": time.perf_counter() - start, "rows": []}
     first = "cpu" if cpu else f"cuda:{devices[0]}"
     result["hbm_bytes_per_s"] = bandwidth = hbm_bandwidth(first, (64 << 20) if cpu else (1 << 30))

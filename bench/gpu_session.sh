@@ -54,8 +54,8 @@ for step in "$@"; do
         profile "${TOPOLOGY:-TP1PP1}" "${DEVICES:-${DEVICE:-0}}" "$( [ "${ASYNC:-1}" = 1 ] && echo async || echo sync )" ;;
     decode_async)  # A/B of EngineConfig.async_tokens, one GPU, batch 1 and 64: decode_profile off then on, ~1.5 min
         for mode in sync async; do profile TP1PP1 "${DEVICE:-0}" $mode; done ;;
-    decode_tp)  # decode_profile on 4 GPUs: TP4PP1 sync, TP4PP1 async, TP2PP2 sync (~1 min each, ~3-4 min in all)
-        for run in TP4PP1:sync TP4PP1:async TP2PP2:sync; do
+    decode_tp)  # decode_profile on 4 GPUs: TP4PP1 sync and async, TP2PP2 sync and async (~1 min each, ~4-5 min in all)
+        for run in TP4PP1:sync TP4PP1:async TP2PP2:sync TP2PP2:async; do
             profile "${run%%:*}" "${DEVICES:-0,1,2,3}" "${run##*:}" brief
         done ;;
     staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run

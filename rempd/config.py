@@ -69,8 +69,8 @@ class DaemonConfig:
                                       "(0: never stage); free device memory on GPUs, the KV budget on CPU if unset")
     staging_chunk_bytes: int | None = _opt(None, optional(parse_size), "most bytes a worker moves between two "
                                            "steps while staging; 256MiB on GPUs, 64KiB on CPU if unset")
-    async_tokens: bool = _opt(EngineConfig.async_tokens, boolean, "at pp = 1, send each decode step before the "
-                              "previous one's tokens reach the host (the workers feed them back on the device)")
+    async_tokens: bool = _opt(EngineConfig.async_tokens, boolean, "send each decode step before the tokens it "
+                              "embeds reach the host (the workers hand them to the first stage on the device)")
     drain_timeout: float = _opt(30.0, strict(float), "seconds running requests may take to finish on SIGTERM")
     state_dir: str = _opt(DEFAULT_STATE_DIR, strict(str), "where rempd keeps state (profiles/ per model and devices)")
     policy: str = _opt("manual", strict(str), "topology policy at start: manual, or auto (needs profiles)")

@@ -88,12 +88,13 @@ def fp32_reference(llama1b):
         return [o.token_ids for o in llm.generate(PROMPTS, GREEDY_LONG)], llm.engine.score(PROMPTS[3])
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_async_tokens_on_graphs_keep_the_tokens(llama1b, fp32_reference, tp):
-    """async_tokens: decode steps replayed right behind the previous one, their tokens fed back on the device."""
-    need_gpus(tp)
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (2, 2), (1, 4)])
+def test_async_tokens_on_graphs_keep_the_tokens(llama1b, fp32_reference, tp, pp):
+    """async_tokens: decode steps replayed right behind the previous one, their tokens fed back on the device;
+    at pp > 1 the last stage sends them to the first over NCCL (at TP1PP4 on a pair no hidden states take)."""
+    need_gpus(tp * pp)
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=24, ignore_eos=True)
-    with LLM(llama1b, tp=tp, devices=list(range(tp)), async_tokens=True, **FP32) as llm:
+    with LLM(llama1b, tp=tp, pp=pp, devices=list(range(tp * pp)), async_tokens=True, **FP32) as llm:
         out = llm.generate(PROMPTS, GREEDY_LONG)
         sampled = llm.generate(PROMPTS, seeded)
         llm.engine.config.async_tokens = False

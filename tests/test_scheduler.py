@@ -85,3 +85,30 @@ def test_micro_batches_share_the_running_sequences():
     sched.postprocess(sched.schedule(), [7, 7, 7])
     first, second = sched.schedule(max_seqs=2), sched.schedule(max_seqs=2)
     assert first.seqs == seqs[:2] and second.seqs == seqs[2:] and sched.schedule(max_seqs=2) is None
+
+
+def test_run_ahead_under_micro_batches_is_fair_and_names_rows_across_steps():
+    """pp = 4, async tokens: 5 steps in flight, every one run ahead once warm; each run-ahead token id names the
+    sampled row of the step in flight that samples it (rows numbered across steps), and no micro-batch starves."""
+    pp = 4
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=64, max_model_len=512)
+    sched.async_tokens = True
+    seqs = [make_seq(f"s{i}", 3, float(i), max_tokens=400) for i in range(16)]
+    for seq in seqs:
+        sched.add(seq)
+    in_flight, rows = [], {}  # rows: sampled row number → (sequence, the token it will get)
+    for step_no in range(200):
+        while len(in_flight) < pp + 1:
+            batch = sched.schedule(-(-len(sched.running) // pp))
+            step = sched.step_input(batch)
+            for seq, token_id in zip(batch.seqs, step.token_ids):
+                if token_id < 0:  # run ahead: the token its step in flight samples
+                    assert rows[-token_id - 1][0] is seq
+            for k, seq in enumerate(batch.samplers()):
+                rows[step.first_sample + k] = (seq, 1000 + step.first_sample + k)
+            in_flight.append((batch, step))
+        batch, step = in_flight.pop(0)
+        sched.postprocess(batch, [rows[step.first_sample + k][1] for k in range(len(step.samples))])
+    assert all(any(t < 0 for t in step.token_ids) for _, step in in_flight)
+    outputs = [seq.num_output_tokens for seq in seqs]
+    assert max(outputs) - min(outputs) <= 1, outputs

@@ -31,8 +31,9 @@ class EngineConfig:
     switch_in_place: str = "auto"
     attention: str = "auto"  # "auto": Triton kernels on CUDA, the reference elsewhere; or "triton" / "reference"
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the kernels only)
-    # at pp = 1, the next decode step is sent before this one's tokens reach the host: the workers feed the
-    # sampled tokens back on the device (engine/scheduler.py "run ahead"), so the GPU does not wait on the host
+    # the next decode step is sent before this one's tokens reach the host: the workers feed the sampled tokens
+    # back on the device (engine/scheduler.py "run ahead"; at pp > 1 the last stage sends them to the first,
+    # worker_pool/token_feedback.py), so the GPU does not wait on the host
     # (1× H100, llama2-7b: batch 1 6.11 → 5.72 ms a step, batch 64 14.48 → 12.95; BENCHMARKS.md)
     async_tokens: bool = True
 

@@ -130,10 +130,10 @@ class LLMEngine:
         return outputs
 
     def _fill(self) -> None:
-        """Schedule and send batches until pp are in flight (one more with async tokens, at pp = 1 only: a later
-        stage would need the sampled tokens sent back to the first)."""
+        """Schedule and send batches until pp are in flight, one more with async tokens: a step run ahead, whose
+        tokens the last stage samples in a step still in flight (the workers hand them to the first stage)."""
         pp = self.placement.topology.pp
-        self.scheduler.async_tokens = self.config.async_tokens and pp == 1
+        self.scheduler.async_tokens = self.config.async_tokens
         # under pp the running sequences split into pp micro-batches, so that every stage has work
         share = -(-len(self.scheduler.running) // pp) if pp > 1 and self.scheduler.running else None
         while len(self.in_flight) < pp + self.scheduler.async_tokens:

@@ -28,6 +28,7 @@ class Scheduler:
         self.blocks = blocks
         # run ahead: a sequence whose in-flight step samples may decode that token in the next step already
         self.async_tokens = False
+        self.samples_sent = 0  # rows sent to be sampled, all steps together: their numbers for StepInput.feedback
         self.eos_token_ids = eos_token_ids
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -47,7 +48,12 @@ class Scheduler:
         """max_seqs caps the running sequences one batch takes, so that pp micro-batches share them."""
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
-        for seq in sorted(self.running, key=lambda s: s.arrival):
+        order = sorted(self.running, key=lambda s: s.arrival)
+        if max_seqs is not None:
+            # micro-batches: sequences with a step in flight (run-ahead candidates) go last, the least advanced
+            # first; in arrival order the oldest micro-batch would run ahead every time and starve the others
+            order.sort(key=lambda s: (s.in_flight > 0, s.num_output_tokens + s.num_pending if s.in_flight else 0))
+        for seq in order:
             if budget == 0 or (max_seqs is not None and len(batch.seqs) >= max_seqs):
                 break
             if seq.status is not SequenceStatus.RUNNING:
@@ -119,13 +125,13 @@ class Scheduler:
         self.waiting.insert(index, seq)
 
     def step_input(self, batch: ScheduledBatch) -> StepInput:
-        step = StepInput([], [], [], [], [], [], [], [], feedback=self.async_tokens)
+        step = StepInput([], [], [], [], [], [], [], [], feedback=self.async_tokens, first_sample=self.samples_sent)
         bs = self.blocks.block_size
         for seq, n, start, sampling, ahead in zip(batch.seqs, batch.num_new_tokens, batch.starts, batch.sampling,
                                                   batch.ahead):
             end = start + n
             if n == 1:  # a decode; the general form below costs a slice, a range and a list per token
-                step.token_ids.append(-seq.sample_row - 1 if ahead else seq.token_ids[start])
+                step.token_ids.append(-seq.sample_number - 1 if ahead else seq.token_ids[start])
                 step.positions.append(start)
                 step.slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
             else:
@@ -136,9 +142,10 @@ class Scheduler:
             step.context_lens.append(end)
             step.block_tables.append(seq.block_table[:-(-end // bs)])
             if sampling:
-                seq.sample_row = len(step.samples)
+                seq.sample_number = step.first_sample + len(step.samples)
                 step.sample_indices.append(len(step.token_ids) - 1)
                 step.samples.append(seq.sample_spec(ahead=seq.num_pending - 1))
+        self.samples_sent += len(step.samples)
         return step
 
     def postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:

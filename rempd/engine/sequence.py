@@ -29,7 +29,7 @@ class Sequence:
     finish_reason: str | None = None
     in_flight: int = 0  # steps the workers have not finished that it is part of
     num_pending: int = 0  # tokens those steps sample that are not in token_ids yet (async tokens)
-    sample_row: int = -1  # its row among the sampled tokens of the last step sent that samples for it
+    sample_number: int = -1  # the number of its row among all sampled rows sent, in the last step sampling it
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:

@@ -23,9 +23,11 @@ class StepInput:
     block_tables: list[list[int]]
     sample_indices: list[int]  # rows of the step whose logits are sampled (the last token of a finished prefill or a decode)
     samples: list[SampleSpec | None]  # one per sampled row; None: greedy
-    # async tokens: the workers keep this step's sampled tokens on the device, and a token id -k-1 stands for
-    # the k-th token the previous step sampled (its value is not on the host yet when this step is sent)
+    # async tokens: the first stage keeps this step's sampled tokens on the device (at pp > 1 the last stage
+    # sends them there), and a token id -g-1 stands for the token of sampled row number g, sampled by a step
+    # still in flight when this one was sent (its value is not on the host yet)
     feedback: bool = False
+    first_sample: int = 0  # the number of this step's first sampled row: rows are numbered across steps
 
     @property
     def num_tokens(self) -> int:

@@ -37,22 +37,17 @@ class StepRunner:
         self.log = StepLog(("received", "unpacked", "launched", "done"), ("seqs", "tokens", "graph", "gpu_ms"))
         self.profile: StepProfile | None = None
         self.launched, self.replayed = 0.0, False
-        self.last_tokens: torch.Tensor | None = None  # the last step's sampled tokens, kept for async tokens
 
     def forward(self, stage: LlamaStage, kv: torch.Tensor, step: StepInput, hidden: torch.Tensor | None,
-                graphs: bool = True) -> tuple[torch.Tensor, bool]:
-        """hidden: the previous stage's output on later stages. Returns hidden states or the sampled rows' logits,
-        and whether a graph produced them (then they are a view of its static output)."""
+                fed: torch.Tensor | None = None, graphs: bool = True) -> tuple[torch.Tensor, bool]:
+        """hidden: the previous stage's output on later stages. fed: on the first stage, the sampled tokens that
+        the step's token ids -k-1 stand for (async tokens, TokenFeedback.resolve). Returns hidden states or the
+        sampled rows' logits, and whether a graph produced them (then they are a view of its static output)."""
         bucket = self.graphs.bucket_for(step) if graphs and self.graphs is not None else None
         if self.profile is not None:
             self.profile.before(graph=bucket is not None)
-        # a step sent before the previous one's tokens reached the host reads them here, on the device
-        reads_back = step.feedback and stage.is_first and min(step.token_ids) < 0
-        if reads_back and self.last_tokens is None:
-            raise RuntimeError("a step reads the previous step's tokens, but no step sampled any here")
-        last = self.last_tokens if reads_back else None
         if bucket is not None:
-            out = self.graphs.run(bucket, step, hidden, last)
+            out = self.graphs.run(bucket, step, hidden, fed)
             self.graph_steps += 1
         else:
             if self.kernels:
@@ -62,8 +57,8 @@ class StepRunner:
                                                step.context_lens, kv.shape[3], self.device)
                 ids, positions, samples = (torch.tensor(x, dtype=torch.long, device=self.device)
                                            for x in (step.token_ids, step.positions, step.sample_indices))
-            if last is not None:
-                feed_back(ids, last)
+            if fed is not None:
+                feed_back(ids, fed)
             out = stage(ids if stage.is_first else hidden, positions, kv, meta, samples)
         if self.profile is not None:
             self.profile.after()

@@ -23,6 +23,7 @@ from rempd.worker_pool import device_memory, links
 from rempd.worker_pool.groups import GroupCache
 from rempd.worker_pool.kernel_warmup import WarmupShape, warm_kernels
 from rempd.worker_pool.pending_tokens import PendingTokens, tokens_to_host
+from rempd.worker_pool.pipeline_handoff import PipelineHandoff
 from rempd.worker_pool.stage_builder import build_stage
 from rempd.worker_pool.step_channel import StepChannel
 from rempd.worker_pool.step_runner import StepRunner, use_kernels
@@ -56,7 +57,7 @@ class Worker:
         self.kv: torch.Tensor | None = None
         self.kv_buffer: torch.Tensor | None = None  # the pool's raw bytes: a switch may view them in a new shape
         self.kv_shape: KVShape | None = None
-        self.pending_sends: list[dist.Work] = []
+        self.handoff = PipelineHandoff(self.world, self.device, setup.world_size)
         self.kv_alloc_seconds = 0.0  # the last pool allocation, for plan's price of a new pool
         self.channel = StepChannel.attach(setup.step_channel) if setup.step_channel else None
         self.runner = StepRunner(self.device, use_kernels(setup.attention, self.device))
@@ -103,9 +104,8 @@ class Worker:
             self.kv_alloc_seconds = time.perf_counter() - start
 
     def release(self) -> None:
-        self._wait_sends()
+        self.handoff.clear()
         self.runner.drop_graphs(staged=True)
-        self.runner.last_tokens = None
         self.stage = self.kv = self.kv_shape = self.kv_buffer = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -128,24 +128,24 @@ class Worker:
                 ) -> list[int] | PendingTokens | torch.Tensor | None:
         if self.stage is None:
             return None
-        stage, placement, dev = self.stage, self.placement, self.device
-        pp_rank, tp_rank = placement.coords(self.setup.index)
-        hidden = None
-        if not stage.is_first:
-            hidden = torch.empty(step.num_tokens, self.setup.model.hidden_size, dtype=self.dtype, device=dev)
-            dist.recv(hidden, src=placement.worker(pp_rank - 1, tp_rank), group=self.world)
+        stage, placement, me = self.stage, self.placement, self.setup.index
+        hidden = fed = None
+        if stage.is_first:  # the tokens this step reads that are not on the host yet (async tokens)
+            step, fed = self.handoff.feedback.resolve(step)
+        else:
+            hidden = self.handoff.receive(step, placement, me, self.setup.model.hidden_size, self.dtype)
         # scoring checks the model itself, so it never replays a graph
-        out, replayed = self.runner.forward(stage, self.kv, step, hidden, graphs=not return_logits)
+        out, replayed = self.runner.forward(stage, self.kv, step, hidden, fed, graphs=not return_logits)
         if not stage.is_last:
-            self._wait_sends()
             # a graph's static output is overwritten by the next replay, maybe while this send still runs
-            out = out.clone() if replayed else out
-            self.pending_sends.append(dist.isend(out, dst=placement.worker(pp_rank + 1, tp_rank), group=self.world))
+            self.handoff.send(step, out.clone() if replayed else out, placement, me)
             return None
+        tp_rank = placement.coords(me)[1]
         if step.feedback and step.samples:
-            # every rank samples (the logits are gathered, so all draw the same tokens) and keeps them on the
-            # device: the next step, already on its way, embeds them before they reach the host
-            tokens = self.runner.last_tokens = sample_on_device(out, step.samples)
+            # every rank samples (the logits are gathered: all draw the same tokens); the first stage's worker of
+            # this TP rank keeps them on the device for the steps already sent that embed them (PipelineHandoff)
+            tokens = sample_on_device(out, step.samples)
+            self.handoff.sampled(step, tokens, placement, me)
             return tokens_to_host(tokens) if tp_rank == 0 else None
         if tp_rank != 0:
             return None
@@ -186,6 +186,7 @@ class Worker:
         return warm_kernels(self.setup.model, self.dtype, self.device, self.runner.kernels, tp_sizes, shape)
 
     def prepare_groups(self, placement: Placement) -> int:
+        self.handoff.settle()
         return links.prepare_groups(self, placement)
 
     def warm_links(self, member_sets: list[tuple[int, ...]]) -> float:
@@ -195,6 +196,7 @@ class Worker:
                max_len: int, round_bytes: int, keep_pool: bool = True) -> dict:
         """This worker's part of the transform phase; see rempd.migrate.reshard."""
         self.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
+        self.handoff.clear()  # no token transfer between stages may cross the switch's own transfers
         outside = device_memory.outside_allocator_bytes(self)
         self.stage, self.kv, self.kv_shape, report = switch_shard(self, plan, live_blocks, num_blocks, block_size,
                                                                   max_len, round_bytes, keep_pool)
@@ -210,6 +212,7 @@ class Worker:
 
     def staged(self, op: str, *args) -> object:
         """One step of a staged switch, between serving steps; see rempd.migrate.stage_shard."""
+        self.handoff.settle()  # its transfers never interleave with a token transfer between stages
         return stage_step(self, op, *args)
 
     def measure_links(self, size_bytes: int = 32 << 20) -> dict:
@@ -223,9 +226,7 @@ class Worker:
             torch.cuda.synchronize(self.device)
 
     def _wait_sends(self) -> None:
-        for work in self.pending_sends:
-            work.wait()
-        self.pending_sends.clear()
+        self.handoff.wait_sends()
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": self.setup.device,
