@@ -18,6 +18,7 @@ from rempd.migrate.transaction import (REUSE_SHARE, Fault, SwitchRefused, Switch
                                       inject_fault, make_plan, tp_member_sets)
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
+from rempd.worker_pool.ticket import Ticket
 
 log = logging.getLogger("rempd.switch")
 FAULT_PHASES = {"transform": "delta"}  # a fault aimed at stop-the-world's transform hits the staged delta
@@ -38,6 +39,11 @@ class StagedSwitch:
         self.old = engine.placement
         self.capacity = 0
         self.precopy_rounds = 0
+        self.pool_blocks = 0  # blocks of the target's shape that every new worker's old pool memory holds
+        self.ticket: Ticket | None = None  # the staging work posted in the last gap, with its kind
+        self.ticket_kind = ""
+        self.loaded = False  # every worker's host-store loads are in
+        self.drained: list = []  # outputs of the steps the cut finished
         self.finished = self.committed = False
         self.begun = time.perf_counter()
 
@@ -69,15 +75,16 @@ class StagedSwitch:
             self._leave("plan", start)
             if reason is not None:
                 return self._stop_the_world(reason)
-            engine.pool.call("staged", "begin", self.plan, engine.config.block_size, engine.max_model_len,
-                             workers=self.involved)
+            pool_blocks = engine.pool.call("staged", "begin", self.plan, engine.config.block_size,
+                                           engine.max_model_len, workers=self.involved)
+            self.pool_blocks = min(b for w, b in zip(self.involved, pool_blocks) if w in self.plan.new.workers)
             chunks = self.budget.weight_chunks(self.plan)
             self.tasks = deque([("groups",), *(("weights", c) for c in chunks), ("build",), ("graphs",)])
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
             self._finish()
         except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
+            return self._fail(exc)
         return []
 
     def _stop_the_world(self, reason: str) -> list:
@@ -91,51 +98,84 @@ class StagedSwitch:
         return transaction.outputs
 
     def advance(self) -> list:
-        """One bounded piece of staging between two steps, or the cut once staging is done. A failing step of
-        the old topology raises here (WorkerError) for the engine loop to handle as it does any step."""
-        outputs = self.engine.quiesce()  # the workers answer in order: steps in flight first
-        if outputs:
-            self.engine.last_output_at = time.perf_counter()
+        """Between two steps: post the next gap's staging work to the workers and return at once (they run it
+        between the steps sent before and after it, and its transfers stay in flight across the steps that
+        follow), or the cut once staging is done. Posting waits for nothing, so no step in flight is drained: the
+        work of the gap before must be done first, and until it is the engine just steps. A failing step of the
+        old topology raises here (WorkerError) for the engine loop to handle as it does any step."""
         try:
+            if self.ticket is not None:
+                if not self.engine.pool.poll(self.ticket):
+                    return []
+                self._settle()
             if self.tasks:
-                self._run(*self.tasks.popleft())
-                return outputs
+                self._post_gap()
+                return []
             running = self.engine.scheduler.running
             per_chunk = self.budget.blocks_per_chunk(self.old, self.plan.new)
+            # full blocks are final and every step in flight writes later slots (delta.py): no quiesce needed
             if len(self.ledger.pending(running)) > per_chunk // 2 and self.precopy_rounds < MAX_PRECOPY_ROUNDS:
                 start = self._enter("precopy")
-                blocks = self.ledger.next_chunk(running, per_chunk)
-                self.engine.pool.call("staged", "chunk", [], blocks, workers=self.involved)
+                blocks = self.ledger.next_chunk(running, per_chunk * self.budget.chunks_per_gap)
+                self._post("precopy", "chunk", [], blocks)
                 self.precopy_rounds += 1
                 self._leave("precopy", start)
-                return outputs
-            return outputs + self._cut()
+                return []
+            return self._cut()
         except Exception as exc:  # noqa: BLE001 - rolls back below, or re-raises after commit
-            self._fail(exc)
-            return outputs
+            return self._fail(exc)
 
-    def _run(self, kind: str, *args) -> None:
-        engine = self.engine
-        if kind == "groups":
-            start = self._enter("groups")
-            engine.pool.call("prepare_groups", self.plan.new)
-            engine.built_groups |= tp_member_sets(self.plan.new)
-            self._leave("groups", start)
+    def _post(self, kind: str, op: str, *args, workers: list[int] | None = None) -> None:
+        self.ticket = self.engine.pool.post("staged", op, *args, workers=workers or self.involved)
+        self.ticket_kind = kind
+
+    def _settle(self) -> None:
+        """The replies of the gap's work (a worker's error raises here): the slowest worker's host seconds, which
+        the steps behind it waited, add up per kind of work."""
+        replies = self.engine.pool.result(self.ticket)
+        self.ticket = None
+        detail, key = self.report.transform_detail, f"staging_{self.ticket_kind}"
+        slowest = max(r.seconds for r in replies)
+        detail[key] = detail.get(key, 0.0) + slowest
+        detail[f"{key}_max"] = max(detail.get(f"{key}_max", 0.0), slowest)
+        if self.ticket_kind == "graphs":
+            detail["graph_precapture"] = slowest
+        if self.ticket_kind != "groups":
+            self.loaded = all(r.loaded for r in replies)
+
+    def _post_gap(self) -> None:
+        """The next staging task, alone if it keeps the workers' hosts busy (groups, build, graphs), or up to
+        chunks_per_gap weight chunks as one transfer. The build waits (polling) until the host loads are in."""
+        kind = self.tasks[0][0]
+        if kind == "build" and not self.loaded:
+            self._post("poll", "poll")
             return
-        start = self._enter("stage")
-        if kind == "graphs":
-            self._capture_graphs()
-        elif kind == "weights":
-            engine.pool.call("staged", "chunk", args[0], [], workers=self.involved)
+        start = self._enter("groups" if kind == "groups" else "stage")
+        if kind == "weights":
+            weights = []
+            while self.tasks and self.tasks[0][0] == "weights" and len(weights) < self.budget.chunks_per_gap:
+                weights.append(self.tasks.popleft()[1])
+            self._post("weights", "chunk", [p for chunk in weights for p in chunk], [])
         else:
-            engine.pool.call("staged", "build", workers=self.involved)
-        self._leave("stage", start)
+            self.tasks.popleft()
+            if kind == "groups":
+                self.engine.built_groups |= tp_member_sets(self.plan.new)
+                self._post("groups", "groups", self.plan.new, workers=list(range(self.engine.pool.size)))
+            elif kind == "build":
+                self._post("build", "build")
+            elif self.is_cuda and self.engine.config.cuda_graphs and self._kept_pool(self.pool_blocks):
+                # decode graphs of the new stages over the pool they will keep, captured now while the old
+                # topology serves, so that the cut does not wait for them (only for a bucket the batch moved to)
+                sizes = live_batch_sizes(self.engine, self.plan.new.topology.pp)
+                self._post("graphs", "graphs", self._kept_pool(self.pool_blocks), self.engine.config.max_num_seqs,
+                           sizes, workers=list(self.plan.new.workers))
+        self._leave("groups" if kind == "groups" else "stage", start)
 
     def _cut(self) -> list:
         engine, report = self.engine, self.report
         cut = start = self._enter("quiesce")
         report.staging_seconds = cut - self.begun
-        outputs = engine.quiesce()
+        outputs = self.drained = engine.quiesce()  # the rollback hands them on if the cut fails
         live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
         num_blocks, report.kv_pool_kept = self._pool_at_cut()
         while sum(len(s.block_table) for s in live) > num_blocks:
@@ -166,32 +206,21 @@ class StagedSwitch:
         self._finish()
         return outputs
 
-    def _kept_pool(self) -> int:
-        """Blocks of the target's shape that every new worker's pool memory holds, if keeping it beats a fresh
-        pool (it holds nearly as much; a fresh pool is smaller by the pre-copied blocks still held apart); else 0."""
+    def _kept_pool(self, kept: int) -> int:
+        """`kept` (blocks of the target's shape that every new worker's pool memory holds) if keeping it beats a
+        fresh pool (it holds nearly as much; a fresh pool is smaller by the pre-copied blocks still held apart);
+        else 0."""
         engine = self.engine
         fresh = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)
-        kept = min(engine.pool.call("staged", "pool_blocks", workers=list(self.plan.new.workers)))
         enough = kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh)
         return kept if enough else 0
 
     def _pool_at_cut(self) -> tuple[int, bool]:
         """(blocks, kept): the old pool's memory viewed in the new shape, or a fresh pool."""
-        kept = self._kept_pool()
+        kept = self._kept_pool(self.pool_blocks)
         if kept:
             return kept, True
         return self.capacity - (self.ledger.num_copied if self.is_cuda else 0), False
-
-    def _capture_graphs(self) -> None:
-        """Decode graphs of the new stages over the pool they will keep, captured now while the old topology
-        serves, so that the cut does not wait for them (only for a bucket the live batch moved to since)."""
-        engine = self.engine
-        kept = self._kept_pool() if self.is_cuda and engine.config.cuda_graphs else 0
-        if kept:
-            sizes = live_batch_sizes(engine, self.plan.new.topology.pp)
-            seconds = engine.pool.call("staged", "graphs", kept, engine.config.max_num_seqs, sizes,
-                                       workers=list(self.plan.new.workers))
-            self.report.transform_detail["graph_precapture"] = max(seconds)
 
     def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
         engine = self.engine
@@ -205,11 +234,13 @@ class StagedSwitch:
         self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
         self.committed = True
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: Exception) -> list:
         """Back to the old topology. Before the cut the workers still serve it untouched: drop what was staged.
         Once the cut's transfer began, rebuild it from the store (live requests recompute); a worker failure
-        respawns every worker, as in the stop-the-world transaction."""
+        respawns every worker, as in the stop-the-world transaction. Returns the outputs of the steps that were
+        still in flight."""
         engine, report = self.engine, self.report
+        outputs = self.drained
         report.error = f"{report.phase}: {exc}".splitlines()[0]
         if self.committed:
             self._finish()
@@ -223,6 +254,7 @@ class StagedSwitch:
                 engine.preempt_all()
                 engine.install(self.old)
             elif self.plan is not None:
+                outputs = outputs + engine.quiesce()  # the abort's replies come after the steps'
                 engine.pool.call("staged", "abort", workers=self.involved)
             report.state = "rolled_back"
         except Exception as again:  # noqa: BLE001
@@ -230,6 +262,7 @@ class StagedSwitch:
             self._finish()
             raise
         self._finish()
+        return outputs
 
     def abandon(self, reason: str) -> None:
         """The workers were respawned under the switch (a failure while serving): nothing staged is left."""
