@@ -31,6 +31,7 @@ class ChunkTransfer:
     received: dict[PieceKey, torch.Tensor]
     weights: list[WeightPiece]
     has_kv: bool
+    posted_at_step: int  # the worker's step count when it was posted
 
 
 class ShardStaging:
@@ -51,6 +52,7 @@ class ShardStaging:
         self.kv_view: torch.Tensor | None = None  # the kept pool in the new shape, as the staged graphs saw it
         self.times = ReshardTimes()
         self.in_flight: ChunkTransfer | None = None
+        self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
@@ -87,7 +89,8 @@ class ShardStaging:
             return (len(piece.layers), 2, num_blocks, self.block_size, len(piece.heads), cfg.head_dim)
         return shape
 
-    def _post(self, plan: SwitchPlan, blocks: list[int], tag: int = 0) -> tuple[list, dict, dict[PieceKey, torch.Tensor]]:
+    def _post(self, plan: SwitchPlan, blocks: list[int], tag: int = 0
+              ) -> tuple[list, dict, dict[PieceKey, torch.Tensor]]:
         """Post peer weight pieces and the KV of `blocks`, one flattened transfer per peer pair: (requests, packed
         KV, received pieces once the requests are done). The KV is packed on the compute stream, behind the steps
         before, which write none of these blocks (they are full: delta.py)."""
@@ -115,7 +118,7 @@ class ShardStaging:
         a time."""
         self.settle()
         requests, packed, received = self._post(replace(self.plan, weights=weights), blocks, STAGING_TAG)
-        self.in_flight = ChunkTransfer(requests, packed, received, weights, bool(blocks))
+        self.in_flight = ChunkTransfer(requests, packed, received, weights, bool(blocks), self.worker.runner.steps)
 
     def loaded(self) -> bool:
         """Whether the rows from the host store and this worker's own rows are all in."""
@@ -127,6 +130,7 @@ class ShardStaging:
         chunk, self.in_flight = self.in_flight, None
         if chunk is None:
             return
+        self.overlapped_steps += self.worker.runner.steps - chunk.posted_at_step
         for request in chunk.requests:
             request.wait()
         for i, piece in enumerate(chunk.weights):
@@ -214,7 +218,7 @@ class ShardStaging:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return {"bytes_sent": self.times.bytes_sent, "bytes_received": self.times.bytes_received,
-                "pool_kept": keep_pool}
+                "pool_kept": keep_pool, "overlapped_steps": self.overlapped_steps}
 
     def abort(self) -> None:
         self.settle()  # every peer posted it too: it completes

@@ -2,7 +2,8 @@
 
 The steps the driver posts between serving steps (groups, chunk, poll, build, graphs) answer with a
 StagedReply: the seconds this worker's host spent in the step, which is what the serving steps behind it waited,
-and whether the host-store loads are in, so that the driver sends the build only once it would not wait."""
+whether the host-store loads are in, so that the driver sends the build only once it would not wait, and how
+many serving steps ran while chunks were in flight."""
 from __future__ import annotations
 
 import time
@@ -16,6 +17,7 @@ from rempd.worker_pool.device_memory import spare_bytes
 class StagedReply:
     seconds: float
     loaded: bool = True
+    overlapped_steps: int = 0
 
 
 def stage_step(worker, op: str, *args) -> object:
@@ -43,7 +45,7 @@ def stage_step(worker, op: str, *args) -> object:
             staging.build()
         elif op == "graphs":
             staging.graphs(*args)
-        return StagedReply(time.perf_counter() - start, staging.loaded())
+        return StagedReply(time.perf_counter() - start, staging.loaded(), staging.overlapped_steps)
     if op in ("cut", "abort"):
         worker.staging = None
         return staging.cut(*args) if op == "cut" else staging.abort()

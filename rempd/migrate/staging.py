@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, live_batch_sizes
@@ -14,7 +15,7 @@ from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging_budget import StagingBudget, StagingOptions
-from rempd.migrate.transaction import (REUSE_SHARE, Fault, SwitchRefused, SwitchTransaction, check_capacity,
+from rempd.migrate.transaction import (Fault, SwitchRefused, SwitchTransaction, check_capacity,
                                       inject_fault, make_plan, tp_member_sets)
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
@@ -27,8 +28,9 @@ MAX_PRECOPY_ROUNDS = 64  # the cut comes after this many KV chunks even if decod
 
 class StagedSwitch:
     def __init__(self, engine, target: Topology | Placement, report: SwitchReport, links: LinkSpeeds,
-                 options: StagingOptions, fault: Fault | None = None):
+                 options: StagingOptions, fault: Fault | None = None, emit: Callable[[list], None] | None = None):
         self.engine, self.target, self.report, self.links = engine, target, report, links
+        self.emit = emit  # hands the tokens of the steps the cut finishes to their streams before the cut's work
         self.requested_fault = fault
         self.fault = (FAULT_PHASES.get(fault[0], fault[0]), fault[1]) if fault else None
         self.is_cuda = engine.devices[0].startswith("cuda")
@@ -79,7 +81,8 @@ class StagedSwitch:
                                            engine.max_model_len, workers=self.involved)
             self.pool_blocks = min(b for w, b in zip(self.involved, pool_blocks) if w in self.plan.new.workers)
             chunks = self.budget.weight_chunks(self.plan)
-            self.tasks = deque([("groups",), *(("weights", c) for c in chunks), ("build",), ("graphs",)])
+            graphs = [("graphs",)] if self.is_cuda and engine.config.cuda_graphs else []
+            self.tasks = deque([("groups",), *(("weights", c) for c in chunks), ("build",), *graphs])
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
             self._finish()
@@ -130,18 +133,13 @@ class StagedSwitch:
         self.ticket_kind = kind
 
     def _settle(self) -> None:
-        """The replies of the gap's work (a worker's error raises here): the slowest worker's host seconds, which
-        the steps behind it waited, add up per kind of work."""
-        replies = self.engine.pool.result(self.ticket)
+        """The replies of the last gap's work; a worker's error raises here."""
+        replies, kind = self.engine.pool.result(self.ticket), self.ticket_kind
         self.ticket = None
-        detail, key = self.report.transform_detail, f"staging_{self.ticket_kind}"
-        slowest = max(r.seconds for r in replies)
-        detail[key] = detail.get(key, 0.0) + slowest
-        detail[f"{key}_max"] = max(detail.get(f"{key}_max", 0.0), slowest)
-        if self.ticket_kind == "graphs":
-            detail["graph_precapture"] = slowest
-        if self.ticket_kind != "groups":
-            self.loaded = all(r.loaded for r in replies)
+        chunks = kind != "groups"
+        self.loaded = all(r.loaded for r in replies) if chunks else self.loaded
+        self.report.add_staging(kind, [r.seconds for r in replies],
+                                max(r.overlapped_steps for r in replies) if chunks else None)
 
     def _post_gap(self) -> None:
         """The next staging task, alone if it keeps the workers' hosts busy (groups, build, graphs), or up to
@@ -163,12 +161,13 @@ class StagedSwitch:
                 self._post("groups", "groups", self.plan.new, workers=list(range(self.engine.pool.size)))
             elif kind == "build":
                 self._post("build", "build")
-            elif self.is_cuda and self.engine.config.cuda_graphs and self._kept_pool(self.pool_blocks):
-                # decode graphs of the new stages over the pool they will keep, captured now while the old
-                # topology serves, so that the cut does not wait for them (only for a bucket the batch moved to)
-                sizes = live_batch_sizes(self.engine, self.plan.new.topology.pp)
-                self._post("graphs", "graphs", self._kept_pool(self.pool_blocks), self.engine.config.max_num_seqs,
-                           sizes, workers=list(self.plan.new.workers))
+            else:  # decode graphs of the new stages over the pool they will keep, captured while the old topology
+                # serves, so that the cut does not wait for them (only for a bucket the batch moved to since)
+                blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
+                if kept:
+                    sizes = live_batch_sizes(self.engine, self.plan.new.topology.pp)
+                    self._post("graphs", "graphs", blocks, self.engine.config.max_num_seqs, sizes,
+                               workers=list(self.plan.new.workers))
         self._leave("groups" if kind == "groups" else "stage", start)
 
     def _cut(self) -> list:
@@ -176,8 +175,12 @@ class StagedSwitch:
         cut = start = self._enter("quiesce")
         report.staging_seconds = cut - self.begun
         outputs = self.drained = engine.quiesce()  # the rollback hands them on if the cut fails
+        if self.emit is not None and outputs:
+            self.emit(outputs)
+            outputs = self.drained = []
         live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
-        num_blocks, report.kv_pool_kept = self._pool_at_cut()
+        num_blocks, report.kv_pool_kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity,
+                                                                  self.ledger.num_copied)
         while sum(len(s.block_table) for s in live) > num_blocks:
             engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
             report.requests_preempted += 1
@@ -188,8 +191,9 @@ class StagedSwitch:
         self._leave("quiesce", start)
 
         start = self._enter("delta")
-        engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
-                         report.kv_pool_kept, workers=self.involved)
+        results = engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
+                                   report.kv_pool_kept, workers=self.involved)
+        report.transform_detail["staging_overlapped_steps"] = max(r["overlapped_steps"] for r in results)
         self._leave("delta", start)
 
         start = self._enter("commit")
@@ -205,22 +209,6 @@ class StagedSwitch:
             engine.pause_report = report  # closed by the first tokens after the cut
         self._finish()
         return outputs
-
-    def _kept_pool(self, kept: int) -> int:
-        """`kept` (blocks of the target's shape that every new worker's pool memory holds) if keeping it beats a
-        fresh pool (it holds nearly as much; a fresh pool is smaller by the pre-copied blocks still held apart);
-        else 0."""
-        engine = self.engine
-        fresh = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)
-        enough = kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh)
-        return kept if enough else 0
-
-    def _pool_at_cut(self) -> tuple[int, bool]:
-        """(blocks, kept): the old pool's memory viewed in the new shape, or a fresh pool."""
-        kept = self._kept_pool(self.pool_blocks)
-        if kept:
-            return kept, True
-        return self.capacity - (self.ledger.num_copied if self.is_cuda else 0), False
 
     def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
         engine = self.engine

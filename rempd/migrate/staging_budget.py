@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.migrate.transaction import REUSE_SHARE
 from rempd.topology import Placement, kv_heads_per_rank
 
 GROWTH = 1.25  # live KV grows while staging: room for a quarter more
@@ -89,3 +90,13 @@ class StagingBudget:
         per_block = max(self.kv_block_bytes(s) for p in (old, new)
                         for w in p.workers if (s := shard_of(cfg, p, w)) is not None)
         return max(1, self.chunk_bytes // per_block)
+
+    def pool_at_cut(self, kept: int, capacity: int, num_copied: int) -> tuple[int, bool]:
+        """(blocks, kept) of the new pool: the old pools' memory viewed in the target's shape (`kept` blocks of it
+        in every new worker) if that beats a fresh pool, which holds `capacity` blocks less, on GPU, the pre-copied
+        ones still held apart; else a fresh pool's."""
+        engine = self.engine
+        fresh = capacity - (num_copied if self.is_cuda else 0)
+        if kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh):
+            return kept, True
+        return fresh, False
