@@ -67,7 +67,7 @@ class SwitchReport:
         detail[key] = detail.get(key, 0.0) + slowest
         detail[f"{key}_max"] = max(detail.get(f"{key}_max", 0.0), slowest)
         if kind == "graphs":
-            detail["graph_precapture"] = slowest
+            detail["graph_precapture"] = detail[key]
         if overlapped_steps is not None:
             detail["staging_overlapped_steps"] = overlapped_steps
 

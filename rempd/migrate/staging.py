@@ -15,6 +15,7 @@ from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging_budget import StagingBudget, StagingOptions
+from rempd.migrate.staging_tasks import StagingTasks
 from rempd.migrate.transaction import (Fault, SwitchRefused, SwitchTransaction, check_capacity,
                                       inject_fault, make_plan, tp_member_sets)
 from rempd.topology import Placement, Topology
@@ -36,7 +37,7 @@ class StagedSwitch:
         self.is_cuda = engine.devices[0].startswith("cuda")
         self.budget = StagingBudget(engine, options, self.is_cuda)
         self.ledger = PrecopyLedger(engine.config.block_size)
-        self.tasks: deque[tuple] = deque()
+        self.tasks: StagingTasks | None = None
         self.plan: SwitchPlan | None = None
         self.old = engine.placement
         self.capacity = 0
@@ -80,9 +81,7 @@ class StagedSwitch:
             pool_blocks = engine.pool.call("staged", "begin", self.plan, engine.config.block_size,
                                            engine.max_model_len, workers=self.involved)
             self.pool_blocks = min(b for w, b in zip(self.involved, pool_blocks) if w in self.plan.new.workers)
-            chunks = self.budget.weight_chunks(self.plan)
-            graphs = [("graphs",)] if self.is_cuda and engine.config.cuda_graphs else []
-            self.tasks = deque([("groups",), *(("weights", c) for c in chunks), ("build",), *graphs])
+            self.tasks = StagingTasks(self.budget.weight_chunks(self.plan), self.is_cuda and engine.config.cuda_graphs)
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
             self._finish()
@@ -142,33 +141,26 @@ class StagedSwitch:
                                 max(r.overlapped_steps for r in replies) if chunks else None)
 
     def _post_gap(self) -> None:
-        """The next staging task, alone if it keeps the workers' hosts busy (groups, build, graphs), or up to
-        chunks_per_gap weight chunks as one transfer. The build waits (polling) until the host loads are in."""
-        kind = self.tasks[0][0]
-        if kind == "build" and not self.loaded:
-            self._post("poll", "poll")
-            return
-        start = self._enter("groups" if kind == "groups" else "stage")
-        if kind == "weights":
-            weights = []
-            while self.tasks and self.tasks[0][0] == "weights" and len(weights) < self.budget.chunks_per_gap:
-                weights.append(self.tasks.popleft()[1])
-            self._post("weights", "chunk", [p for chunk in weights for p in chunk], [])
+        kind = self.tasks.next_kind
+        phase = "groups" if kind == "groups" else "stage"
+        start = self._enter(phase)
+        blocks, sizes, engine = 0, [], self.engine
+        if kind == "graphs":  # decode graphs of the new stages over the pool they will keep, captured while the
+            # old topology serves, so that the cut does not wait for them (only for a bucket the batch moved to)
+            blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
+            sizes = sorted(set(live_batch_sizes(engine, self.plan.new.topology.pp))) if kept else []
+        work = self.tasks.next_gap(self.loaded, self.budget.chunks_per_gap, sizes)
+        if work is None:  # no graphs: nothing to post this gap
+            pass
+        elif work.kind == "groups":
+            engine.built_groups |= tp_member_sets(self.plan.new)
+            self._post("groups", "groups", self.plan.new, workers=list(range(engine.pool.size)))
+        elif work.kind == "graphs":
+            self._post("graphs", "graphs", blocks, engine.config.max_num_seqs, *work.args,
+                       workers=list(self.plan.new.workers))
         else:
-            self.tasks.popleft()
-            if kind == "groups":
-                self.engine.built_groups |= tp_member_sets(self.plan.new)
-                self._post("groups", "groups", self.plan.new, workers=list(range(self.engine.pool.size)))
-            elif kind == "build":
-                self._post("build", "build")
-            else:  # decode graphs of the new stages over the pool they will keep, captured while the old topology
-                # serves, so that the cut does not wait for them (only for a bucket the batch moved to since)
-                blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
-                if kept:
-                    sizes = live_batch_sizes(self.engine, self.plan.new.topology.pp)
-                    self._post("graphs", "graphs", blocks, self.engine.config.max_num_seqs, sizes,
-                               workers=list(self.plan.new.workers))
-        self._leave("groups" if kind == "groups" else "stage", start)
+            self._post(work.kind, work.op, *work.args)
+        self._leave(phase, start)
 
     def _cut(self) -> list:
         engine, report = self.engine, self.report
