@@ -100,11 +100,9 @@ class StagedSwitch:
         return transaction.outputs
 
     def advance(self) -> list:
-        """Between two steps: post the next gap's staging work to the workers and return at once (they run it
-        between the steps sent before and after it, and its transfers stay in flight across the steps that
-        follow), or the cut once staging is done. Posting waits for nothing, so no step in flight is drained: the
-        work of the gap before must be done first, and until it is the engine just steps. A failing step of the
-        old topology raises here (WorkerError) for the engine loop to handle as it does any step."""
+        """Between two steps: post the next gap's staging work once the last gap's is done, without draining the
+        steps in flight (the workers run it between them; its transfers stay in flight across the next steps), or
+        the cut once staging is done. A failing step of the old topology raises here (WorkerError)."""
         try:
             if self.ticket is not None:
                 if not self.engine.pool.poll(self.ticket):
@@ -150,26 +148,27 @@ class StagedSwitch:
             blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
             sizes = sorted(set(live_batch_sizes(engine, self.plan.new.topology.pp))) if kept else []
         work = self.tasks.next_gap(self.loaded, self.budget.chunks_per_gap, sizes)
-        if work is None:  # no graphs: nothing to post this gap
-            pass
-        elif work.kind == "groups":
+        if work is not None and work.kind == "groups":
             engine.built_groups |= tp_member_sets(self.plan.new)
             self._post("groups", "groups", self.plan.new, workers=list(range(engine.pool.size)))
-        elif work.kind == "graphs":
+        elif work is not None and work.kind == "graphs":
             self._post("graphs", "graphs", blocks, engine.config.max_num_seqs, *work.args,
                        workers=list(self.plan.new.workers))
-        else:
+        elif work is not None:  # None: no graphs to capture
             self._post(work.kind, work.op, *work.args)
         self._leave(phase, start)
 
     def _cut(self) -> list:
         engine, report = self.engine, self.report
-        cut = start = self._enter("quiesce")
-        report.staging_seconds = cut - self.begun
+        start = self._enter("quiesce")
+        report.staging_seconds = start - self.begun
         outputs = self.drained = engine.quiesce()  # the rollback hands them on if the cut fails
         if self.emit is not None and outputs:
             self.emit(outputs)
             outputs = self.drained = []
+        # the steps in flight served until here (their tokens are out): the cut is timed from here, the drain is
+        # in the quiesce phase
+        cut = time.perf_counter()
         live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
         num_blocks, report.kv_pool_kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity,
                                                                   self.ledger.num_copied)
