@@ -74,7 +74,7 @@ class SwitchDriver:
             done.set_result(report)
             return
         options = StagingOptions(engine.config.staging_memory, engine.config.staging_chunk_bytes)
-        staged = StagedSwitch(engine, target, report, engine.links, options, fault)
+        staged = StagedSwitch(engine, target, report, engine.links, options, fault, self.emit)
         self.emit(staged.begin())
         if staged.finished:
             done.set_result(report)

@@ -51,7 +51,9 @@ class PrecopyLedger:
         return record
 
     def pending(self, live: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """(sequence, block index) of every full block not copied yet. Call only with no step in flight."""
+        """(sequence, block index) of every full block not copied yet. Steps may be in flight: num_computed counts
+        finished steps only, a step in flight writes slots at or past it, and only sequences with no step in
+        flight are preempted, so a block full now stays as it is until its sequence ends."""
         found = []
         for seq in live:
             record = self._record(seq)

@@ -56,9 +56,10 @@ def exchange_rounds(plan: SwitchPlan, round_bytes: int = ROUND_BYTES) -> list[li
 def post_round(plan: SwitchPlan, keys: list[PieceKey], me: int, old_weights: dict[str, torch.Tensor],
                old_rows: dict[str, tuple], packed_kv: dict[int, torch.Tensor],
                kv_piece_shape: Callable[[int], tuple], row_shape: Callable[[str], tuple], dtype: torch.dtype,
-               device: torch.device, times: ReshardTimes, group: dist.ProcessGroup
+               device: torch.device, times: ReshardTimes, group: dist.ProcessGroup, tag: int = 0
                ) -> tuple[list, dict[PieceKey, torch.Tensor]]:
-    """Post one send and one receive per peer pair for this round's pieces, each flattened into one buffer.
+    """Post one send and one receive per peer pair for this round's pieces, each flattened into one buffer
+    (`tag` keeps them apart, on gloo, from other messages of the same pair in flight at the same time).
     Returns the requests and the received pieces by key: views of the receive buffers, valid once the
     requests are done."""
     outgoing: dict[int, list[torch.Tensor]] = {}
@@ -83,12 +84,12 @@ def post_round(plan: SwitchPlan, keys: list[PieceKey], me: int, old_weights: dic
     for dst in sorted(outgoing):
         parts = outgoing[dst]
         flat = parts[0].reshape(-1) if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])
-        ops.append(dist.P2POp(dist.isend, flat, dst, group))
+        ops.append(dist.P2POp(dist.isend, flat, dst, group, tag))
         times.bytes_sent += flat.numel() * flat.element_size()
     for src in sorted(incoming):
         sizes = [math.prod(shape) for _, shape in incoming[src]]
         flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-        ops.append(dist.P2POp(dist.irecv, flat, src, group))
+        ops.append(dist.P2POp(dist.irecv, flat, src, group, tag))
         times.bytes_received += flat.numel() * flat.element_size()
         for (key, shape), part in zip(incoming[src], flat.split(sizes)):
             received[key] = part.view(shape)

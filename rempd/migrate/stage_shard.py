@@ -3,12 +3,13 @@ the cut take the delta, free the old shard and install the new one.
 
 Host-store loads and copies of rows this worker already holds need no peer, so a background thread does them
 (on CUDA on a side stream) while the worker keeps executing steps. Peer transfers are collective, so they run
-in chunks the driver sends between steps, in the same order on every worker, like the steps themselves."""
+in chunks the driver posts between steps, in the same order on every worker, like the steps themselves; a chunk
+is posted and left in flight across the next steps, and finished (copied into place) by the next staging step."""
 from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,8 +17,22 @@ from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.reshard import PieceKey, pack_kv, post_round
 from rempd.migrate.reshard_times import ReshardTimes
 from rempd.migrate.shards import shard_of
-from rempd.worker_pool.device_memory import spare_bytes
+from rempd.worker_pool.device_memory import pool_blocks
 from rempd.worker_pool.stage_builder import build_stage
+
+STAGING_TAG = 1  # staging transfers stay in flight while steps hand activations on between stages (tag 0)
+
+
+@dataclass
+class ChunkTransfer:
+    """One chunk's peer transfers in flight. The buffers are held here until they are done: the KV packed for
+    peers and the receive buffers."""
+    requests: list
+    packed: dict[int, torch.Tensor]
+    received: dict[PieceKey, torch.Tensor]
+    weights: list[WeightPiece]
+    has_kv: bool
+    posted_at_step: int  # the worker's step count when it was posted
 
 
 class ShardStaging:
@@ -37,6 +52,8 @@ class ShardStaging:
         self.stage = None
         self.kv_view: torch.Tensor | None = None  # the kept pool in the new shape, as the staged graphs saw it
         self.times = ReshardTimes()
+        self.in_flight: ChunkTransfer | None = None
+        self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
@@ -73,8 +90,11 @@ class ShardStaging:
             return (len(piece.layers), 2, num_blocks, self.block_size, len(piece.heads), cfg.head_dim)
         return shape
 
-    def _exchange(self, plan: SwitchPlan, blocks: list[int]) -> tuple[dict, dict[PieceKey, torch.Tensor]]:
-        """Peer weight pieces and the KV of `blocks` in one flattened transfer per peer pair, all done on return."""
+    def _post(self, plan: SwitchPlan, blocks: list[int], tag: int = 0
+              ) -> tuple[list, dict, dict[PieceKey, torch.Tensor]]:
+        """Post peer weight pieces and the KV of `blocks`, one flattened transfer per peer pair: (requests, packed
+        KV, received pieces once the requests are done). The KV is packed on the compute stream, behind the steps
+        before, which write none of these blocks (they are full: delta.py)."""
         worker = self.worker
         packed = {}
         if not blocks:
@@ -86,27 +106,43 @@ class ShardStaging:
         keys += [("kv", i) for i, p in enumerate(plan.kv) if p.source == "peer"]
         requests, received = post_round(plan, keys, self.me, self.old_weights, self.old_rows, packed,
                                         self._kv_shape_of(len(blocks)), self.worker.row_shape, worker.dtype,
-                                        worker.device, self.times, worker.world)
-        for request in requests:
-            request.wait()
-        return packed, received
+                                        worker.device, self.times, worker.world, tag)
+        return requests, packed, received
 
     def _received_kv(self, packed: dict, received: dict[PieceKey, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {i: packed[i] if piece.src == self.me else received[("kv", i)]
                 for i, piece in enumerate(self.plan.kv) if piece.dst == self.me}
 
     def chunk(self, weights: list[WeightPiece], blocks: list[int]) -> None:
-        """Peer weight pieces, and a pre-copy of the KV of `blocks`, between two steps."""
-        plan = replace(self.plan, weights=weights)
-        packed, received = self._exchange(plan, blocks)
-        for i, piece in enumerate(weights):
+        """Post peer weight pieces, and a pre-copy of the KV of `blocks`, and return while they move: the steps
+        that follow run meanwhile. The chunk before is finished first, so one chunk's buffers are in flight at
+        a time."""
+        self.settle()
+        requests, packed, received = self._post(replace(self.plan, weights=weights), blocks, STAGING_TAG)
+        self.in_flight = ChunkTransfer(requests, packed, received, weights, bool(blocks), self.worker.runner.steps)
+
+    def loaded(self) -> bool:
+        """Whether the rows from the host store and this worker's own rows are all in."""
+        return not self.thread.is_alive()
+
+    def settle(self) -> None:
+        """Finish the chunk in flight: wait for its transfers (on CUDA the current stream waits, not the host),
+        then copy the weight rows into place and keep the pre-copied KV."""
+        chunk, self.in_flight = self.in_flight, None
+        if chunk is None:
+            return
+        self.overlapped_steps += self.worker.runner.steps - chunk.posted_at_step
+        for request in chunk.requests:
+            request.wait()
+        for i, piece in enumerate(chunk.weights):
             if piece.dst == self.me:
-                self._target(piece).copy_(received[("w", i)])
-        if blocks:
-            self.precopy.append(self._received_kv(packed, received))
+                self._target(piece).copy_(chunk.received[("w", i)])
+        if chunk.has_kv:
+            self.precopy.append(self._received_kv(chunk.packed, chunk.received))
 
     def build(self) -> None:
         """The new stage from the staged rows, once every row is in; its groups were built before."""
+        self.settle()
         self.thread.join()
         if self.error is not None:
             raise RuntimeError(f"staging the target's weights failed: {self.error}") from self.error
@@ -130,11 +166,7 @@ class ShardStaging:
         return worker.capture_graphs(max_batch, batch_sizes, self.stage, self.kv_view)
 
     def pool_blocks(self) -> int:
-        """Blocks of the target's shape that this worker's pool memory holds (0: it holds no pool or no shard)."""
-        shard, worker = self.new_shard, self.worker
-        if shard is None or worker.kv_buffer is None:
-            return 0
-        return worker.kv_shape_for(shard, self.block_size).blocks_in(worker.kv_buffer)
+        return pool_blocks(self.worker, self.plan, self.block_size)
 
     def cut(self, delta_old: list[int], delta_new: list[int], precopied: dict[int, tuple[list[int], list[int]]],
             num_blocks: int, keep_pool: bool) -> dict:
@@ -142,9 +174,11 @@ class ShardStaging:
         pool's memory viewed in the new shape when `keep_pool`, else a fresh pool once the old one is freed."""
         worker, dev = self.worker, self.worker.device
         worker._wait_sends()
+        self.settle()
         worker.runner.drop_graphs()  # they hold the old pool's addresses, and would keep it alive
-        plan = replace(self.plan, weights=[])
-        packed, received = self._exchange(plan, delta_old)
+        requests, packed, received = self._post(replace(self.plan, weights=[]), delta_old)
+        for request in requests:
+            request.wait()
         delta = self._received_kv(packed, received) if delta_old else {}
         self.old_weights.clear()
         worker.stage = None
@@ -181,40 +215,12 @@ class ShardStaging:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return {"bytes_sent": self.times.bytes_sent, "bytes_received": self.times.bytes_received,
-                "pool_kept": keep_pool}
+                "pool_kept": keep_pool, "overlapped_steps": self.overlapped_steps}
 
     def abort(self) -> None:
+        self.settle()  # every peer posted it too: it completes
         self.thread.join()
         self.worker.runner.drop_graphs(staged=True)
         self.rows.clear()
         self.precopy.clear()
         self.stage = None
-
-
-def stage_step(worker, op: str, *args) -> object:
-    """The worker's entry point for every step of a staged switch (Worker.staged)."""
-    # bytes of device memory free for staging, counting the allocator's unused cache (None on CPU, where the
-    # driver's limit decides). Staging borrows the headroom gpu_memory_utilization leaves; giving back free KV
-    # blocks of the old pool is not done yet.
-    if op == "room":
-        return max(0, spare_bytes(worker)) if worker.device.type == "cuda" else None
-    if op == "begin":
-        worker.staging = ShardStaging(worker, *args)
-        return None
-    staging: ShardStaging | None = worker.staging
-    if staging is None:
-        if op == "abort":
-            return None
-        raise RuntimeError(f"no staged switch to {op}")
-    if op == "chunk":
-        return staging.chunk(*args)
-    if op == "build":
-        return staging.build()
-    if op == "graphs":
-        return staging.graphs(*args)
-    if op == "pool_blocks":
-        return staging.pool_blocks()
-    if op in ("cut", "abort"):
-        worker.staging = None
-        return staging.cut(*args) if op == "cut" else staging.abort()
-    raise ValueError(f"unknown staging step {op!r}")

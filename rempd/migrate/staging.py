@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, live_batch_sizes
@@ -14,10 +15,12 @@ from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging_budget import StagingBudget, StagingOptions
-from rempd.migrate.transaction import (REUSE_SHARE, Fault, SwitchRefused, SwitchTransaction, check_capacity,
+from rempd.migrate.staging_tasks import StagingTasks
+from rempd.migrate.transaction import (Fault, SwitchRefused, SwitchTransaction, check_capacity,
                                       inject_fault, make_plan, tp_member_sets)
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
+from rempd.worker_pool.ticket import Ticket
 
 log = logging.getLogger("rempd.switch")
 FAULT_PHASES = {"transform": "delta"}  # a fault aimed at stop-the-world's transform hits the staged delta
@@ -26,18 +29,24 @@ MAX_PRECOPY_ROUNDS = 64  # the cut comes after this many KV chunks even if decod
 
 class StagedSwitch:
     def __init__(self, engine, target: Topology | Placement, report: SwitchReport, links: LinkSpeeds,
-                 options: StagingOptions, fault: Fault | None = None):
+                 options: StagingOptions, fault: Fault | None = None, emit: Callable[[list], None] | None = None):
         self.engine, self.target, self.report, self.links = engine, target, report, links
+        self.emit = emit  # hands the tokens of the steps the cut finishes to their streams before the cut's work
         self.requested_fault = fault
         self.fault = (FAULT_PHASES.get(fault[0], fault[0]), fault[1]) if fault else None
         self.is_cuda = engine.devices[0].startswith("cuda")
         self.budget = StagingBudget(engine, options, self.is_cuda)
         self.ledger = PrecopyLedger(engine.config.block_size)
-        self.tasks: deque[tuple] = deque()
+        self.tasks: StagingTasks | None = None
         self.plan: SwitchPlan | None = None
         self.old = engine.placement
         self.capacity = 0
         self.precopy_rounds = 0
+        self.pool_blocks = 0  # blocks of the target's shape that every new worker's old pool memory holds
+        self.ticket: Ticket | None = None  # the staging work posted in the last gap, with its kind
+        self.ticket_kind = ""
+        self.loaded = False  # every worker's host-store loads are in
+        self.drained: list = []  # outputs of the steps the cut finished
         self.finished = self.committed = False
         self.begun = time.perf_counter()
 
@@ -69,15 +78,15 @@ class StagedSwitch:
             self._leave("plan", start)
             if reason is not None:
                 return self._stop_the_world(reason)
-            engine.pool.call("staged", "begin", self.plan, engine.config.block_size, engine.max_model_len,
-                             workers=self.involved)
-            chunks = self.budget.weight_chunks(self.plan)
-            self.tasks = deque([("groups",), *(("weights", c) for c in chunks), ("build",), ("graphs",)])
+            pool_blocks = engine.pool.call("staged", "begin", self.plan, engine.config.block_size,
+                                           engine.max_model_len, workers=self.involved)
+            self.pool_blocks = min(b for w, b in zip(self.involved, pool_blocks) if w in self.plan.new.workers)
+            self.tasks = StagingTasks(self.budget.weight_chunks(self.plan), self.is_cuda and engine.config.cuda_graphs)
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
             self._finish()
         except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
+            return self._fail(exc)
         return []
 
     def _stop_the_world(self, reason: str) -> list:
@@ -91,53 +100,78 @@ class StagedSwitch:
         return transaction.outputs
 
     def advance(self) -> list:
-        """One bounded piece of staging between two steps, or the cut once staging is done. A failing step of
-        the old topology raises here (WorkerError) for the engine loop to handle as it does any step."""
-        outputs = self.engine.quiesce()  # the workers answer in order: steps in flight first
-        if outputs:
-            self.engine.last_output_at = time.perf_counter()
+        """Between two steps: post the next gap's staging work once the last gap's is done, without draining the
+        steps in flight (the workers run it between them; its transfers stay in flight across the next steps), or
+        the cut once staging is done. A failing step of the old topology raises here (WorkerError)."""
         try:
+            if self.ticket is not None:
+                if not self.engine.pool.poll(self.ticket):
+                    return []
+                self._settle()
             if self.tasks:
-                self._run(*self.tasks.popleft())
-                return outputs
+                self._post_gap()
+                return []
             running = self.engine.scheduler.running
             per_chunk = self.budget.blocks_per_chunk(self.old, self.plan.new)
+            # full blocks are final and every step in flight writes later slots (delta.py): no quiesce needed
             if len(self.ledger.pending(running)) > per_chunk // 2 and self.precopy_rounds < MAX_PRECOPY_ROUNDS:
                 start = self._enter("precopy")
-                blocks = self.ledger.next_chunk(running, per_chunk)
-                self.engine.pool.call("staged", "chunk", [], blocks, workers=self.involved)
+                blocks = self.ledger.next_chunk(running, per_chunk * self.budget.chunks_per_gap)
+                self._post("precopy", "chunk", [], blocks)
                 self.precopy_rounds += 1
                 self._leave("precopy", start)
-                return outputs
-            return outputs + self._cut()
+                return []
+            return self._cut()
         except Exception as exc:  # noqa: BLE001 - rolls back below, or re-raises after commit
-            self._fail(exc)
-            return outputs
+            return self._fail(exc)
 
-    def _run(self, kind: str, *args) -> None:
-        engine = self.engine
-        if kind == "groups":
-            start = self._enter("groups")
-            engine.pool.call("prepare_groups", self.plan.new)
+    def _post(self, kind: str, op: str, *args, workers: list[int] | None = None) -> None:
+        self.ticket = self.engine.pool.post("staged", op, *args, workers=workers or self.involved)
+        self.ticket_kind = kind
+
+    def _settle(self) -> None:
+        """The replies of the last gap's work; a worker's error raises here."""
+        replies, kind = self.engine.pool.result(self.ticket), self.ticket_kind
+        self.ticket = None
+        chunks = kind != "groups"
+        self.loaded = all(r.loaded for r in replies) if chunks else self.loaded
+        self.report.add_staging(kind, [r.seconds for r in replies],
+                                max(r.overlapped_steps for r in replies) if chunks else None)
+
+    def _post_gap(self) -> None:
+        kind = self.tasks.next_kind
+        phase = "groups" if kind == "groups" else "stage"
+        start = self._enter(phase)
+        blocks, sizes, engine = 0, [], self.engine
+        if kind == "graphs":  # decode graphs of the new stages over the pool they will keep, captured while the
+            # old topology serves, so that the cut does not wait for them (only for a bucket the batch moved to)
+            blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
+            sizes = sorted(set(live_batch_sizes(engine, self.plan.new.topology.pp))) if kept else []
+        work = self.tasks.next_gap(self.loaded, self.budget.chunks_per_gap, sizes)
+        if work is not None and work.kind == "groups":
             engine.built_groups |= tp_member_sets(self.plan.new)
-            self._leave("groups", start)
-            return
-        start = self._enter("stage")
-        if kind == "graphs":
-            self._capture_graphs()
-        elif kind == "weights":
-            engine.pool.call("staged", "chunk", args[0], [], workers=self.involved)
-        else:
-            engine.pool.call("staged", "build", workers=self.involved)
-        self._leave("stage", start)
+            self._post("groups", "groups", self.plan.new, workers=list(range(engine.pool.size)))
+        elif work is not None and work.kind == "graphs":
+            self._post("graphs", "graphs", blocks, engine.config.max_num_seqs, *work.args,
+                       workers=list(self.plan.new.workers))
+        elif work is not None:  # None: no graphs to capture
+            self._post(work.kind, work.op, *work.args)
+        self._leave(phase, start)
 
     def _cut(self) -> list:
         engine, report = self.engine, self.report
-        cut = start = self._enter("quiesce")
-        report.staging_seconds = cut - self.begun
-        outputs = engine.quiesce()
+        start = self._enter("quiesce")
+        report.staging_seconds = start - self.begun
+        outputs = self.drained = engine.quiesce()  # the rollback hands them on if the cut fails
+        if self.emit is not None and outputs:
+            self.emit(outputs)
+            outputs = self.drained = []
+        # the steps in flight served until here (their tokens are out): the cut is timed from here, the drain is
+        # in the quiesce phase
+        cut = time.perf_counter()
         live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
-        num_blocks, report.kv_pool_kept = self._pool_at_cut()
+        num_blocks, report.kv_pool_kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity,
+                                                                  self.ledger.num_copied)
         while sum(len(s.block_table) for s in live) > num_blocks:
             engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
             report.requests_preempted += 1
@@ -148,8 +182,9 @@ class StagedSwitch:
         self._leave("quiesce", start)
 
         start = self._enter("delta")
-        engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
-                         report.kv_pool_kept, workers=self.involved)
+        results = engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
+                                   report.kv_pool_kept, workers=self.involved)
+        report.transform_detail["staging_overlapped_steps"] = max(r["overlapped_steps"] for r in results)
         self._leave("delta", start)
 
         start = self._enter("commit")
@@ -166,33 +201,6 @@ class StagedSwitch:
         self._finish()
         return outputs
 
-    def _kept_pool(self) -> int:
-        """Blocks of the target's shape that every new worker's pool memory holds, if keeping it beats a fresh
-        pool (it holds nearly as much; a fresh pool is smaller by the pre-copied blocks still held apart); else 0."""
-        engine = self.engine
-        fresh = self.capacity - (self.ledger.num_copied if self.is_cuda else 0)
-        kept = min(engine.pool.call("staged", "pool_blocks", workers=list(self.plan.new.workers)))
-        enough = kept >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh)
-        return kept if enough else 0
-
-    def _pool_at_cut(self) -> tuple[int, bool]:
-        """(blocks, kept): the old pool's memory viewed in the new shape, or a fresh pool."""
-        kept = self._kept_pool()
-        if kept:
-            return kept, True
-        return self.capacity - (self.ledger.num_copied if self.is_cuda else 0), False
-
-    def _capture_graphs(self) -> None:
-        """Decode graphs of the new stages over the pool they will keep, captured now while the old topology
-        serves, so that the cut does not wait for them (only for a bucket the live batch moved to since)."""
-        engine = self.engine
-        kept = self._kept_pool() if self.is_cuda and engine.config.cuda_graphs else 0
-        if kept:
-            sizes = live_batch_sizes(engine, self.plan.new.topology.pp)
-            seconds = engine.pool.call("staged", "graphs", kept, engine.config.max_num_seqs, sizes,
-                                       workers=list(self.plan.new.workers))
-            self.report.transform_detail["graph_precapture"] = max(seconds)
-
     def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
         engine = self.engine
         for seq, table in zip(live, layout.new_tables):
@@ -205,11 +213,13 @@ class StagedSwitch:
         self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
         self.committed = True
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: Exception) -> list:
         """Back to the old topology. Before the cut the workers still serve it untouched: drop what was staged.
         Once the cut's transfer began, rebuild it from the store (live requests recompute); a worker failure
-        respawns every worker, as in the stop-the-world transaction."""
+        respawns every worker, as in the stop-the-world transaction. Returns the outputs of the steps that were
+        still in flight."""
         engine, report = self.engine, self.report
+        outputs = self.drained
         report.error = f"{report.phase}: {exc}".splitlines()[0]
         if self.committed:
             self._finish()
@@ -223,6 +233,7 @@ class StagedSwitch:
                 engine.preempt_all()
                 engine.install(self.old)
             elif self.plan is not None:
+                outputs = outputs + engine.quiesce()  # the abort's replies come after the steps'
                 engine.pool.call("staged", "abort", workers=self.involved)
             report.state = "rolled_back"
         except Exception as again:  # noqa: BLE001
@@ -230,6 +241,7 @@ class StagedSwitch:
             self._finish()
             raise
         self._finish()
+        return outputs
 
     def abandon(self, reason: str) -> None:
         """The workers were respawned under the switch (a failure while serving): nothing staged is left."""

@@ -1,5 +1,6 @@
 """What a staged switch may take: whether the target fits beside the topology that keeps serving, and how its
-transfers split into chunks small enough to run between two serving steps."""
+transfers split into chunks, posted between two serving steps a few at a time and left in flight across the
+steps that follow."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.shards import ModelGeometry, shard_of
+from rempd.migrate.transaction import choose_pool
 from rempd.topology import Placement, kv_heads_per_rank
 
 GROWTH = 1.25  # live KV grows while staging: room for a quarter more
@@ -16,6 +18,9 @@ GROWTH = 1.25  # live KV grows while staging: room for a quarter more
 class StagingOptions:
     memory_limit: int | None = None  # bytes a worker may stage in; None: free device memory, or on CPU the KV budget
     chunk_bytes: int | None = None  # most bytes one worker moves between two steps; None: 256 MiB GPU, 64 KiB CPU
+    # chunks posted together in one gap between two steps, as one transfer in flight: a gap's fixed costs (a
+    # message per worker, the KV pack, a wait for the transfer before) then come once for all of them
+    chunks_per_gap: int = 4
 
 
 def size(nbytes: float) -> str:
@@ -26,14 +31,15 @@ class StagingBudget:
     def __init__(self, engine, options: StagingOptions, is_cuda: bool):
         self.engine, self.is_cuda = engine, is_cuda
         self.chunk_bytes = options.chunk_bytes or ((256 << 20) if is_cuda else (64 << 10))
+        self.chunks_per_gap = max(1, options.chunks_per_gap)
         self.memory_limit = options.memory_limit
         if self.memory_limit is None and not is_cuda:
             self.memory_limit = engine.config.kv_cache_memory
         self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
 
     def unfit(self, plan: SwitchPlan, capacity: int) -> str | None:
-        """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one chunk in
-        flight must fit in each new worker's free memory (and the staging limit). capacity: the new pool's
+        """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one gap's chunks
+        in flight must fit in each new worker's free memory (and the staging limit). capacity: the new pool's
         blocks."""
         engine, cfg = self.engine, self.engine.model_config
         live = sum(len(s.block_table) for s in engine.scheduler.running)
@@ -43,7 +49,8 @@ class StagingBudget:
         rooms = engine.pool.call("staged", "room", workers=list(plan.new.workers))
         for worker, room in zip(plan.new.workers, rooms):
             shard = shard_of(cfg, plan.new, worker)
-            need = self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard) + self.chunk_bytes
+            need = (self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard)
+                    + self.chunk_bytes * self.chunks_per_gap)
             free = min(x for x in (room, self.memory_limit) if x is not None)
             if need > free:
                 what = "the staging limit allows" if free == self.memory_limit else "device memory has"
@@ -83,3 +90,9 @@ class StagingBudget:
         per_block = max(self.kv_block_bytes(s) for p in (old, new)
                         for w in p.workers if (s := shard_of(cfg, p, w)) is not None)
         return max(1, self.chunk_bytes // per_block)
+
+    def pool_at_cut(self, kept: int, capacity: int, num_copied: int) -> tuple[int, bool]:
+        """(blocks, kept) of the new pool: the old pools' memory viewed in the target's shape (`kept` blocks of it
+        in every new worker) if that beats a fresh pool, which holds `capacity` blocks less, on GPU, the pre-copied
+        ones still held apart; else a fresh pool's."""
+        return choose_pool(self.engine, capacity - (num_copied if self.is_cuda else 0), kept)

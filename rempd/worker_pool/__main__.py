@@ -14,6 +14,7 @@ from rempd.worker_pool.worker import Worker
 from rempd.worker_pool.worker_setup import WorkerSetup
 
 PENDING_POLL_S = 0.0002  # how often a worker with a pending reply checks whether its tokens are in
+RUN_BEHIND_PENDING = ("execute_shared", "staged")
 
 
 def _die_with_parent() -> None:
@@ -50,8 +51,10 @@ def worker_main(address: str) -> None:
             method, args = conn.recv()
         except EOFError:
             break
-        if pending is not None and method != "execute_shared":
-            pending = _reply(conn, pending)  # replies go in the order of the calls
+        # replies go in the order of the calls; a step and a staged switch's step (posted between two steps) run
+        # first, while the pending tokens are computed, and are answered after them
+        if pending is not None and method not in RUN_BEHIND_PENDING:
+            pending = _reply(conn, pending)
         try:
             result = getattr(worker, method)(*args)
         except Exception:

@@ -28,7 +28,10 @@ def prepare_groups(worker, placement: Placement) -> int:
             dist.recv(token, src=placement.worker(pp_rank - 1, tp_rank), group=worker.world)
         if pp_rank < placement.topology.pp - 1:
             dist.send(token, dst=placement.worker(pp_rank + 1, tp_rank), group=worker.world)
-        worker._sync()
+        # this stream only: a staged switch's host-store loads run on a side stream meanwhile, and a device-wide
+        # sync waited for all of them (0.38 s of 'groups' on 2x H200, where the groups themselves were warm)
+        if worker.device.type == "cuda":
+            torch.cuda.current_stream(worker.device).synchronize()
     return built
 
 

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from dataclasses import replace
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from rempd.engine.step_input import StepInput
 from rempd.worker_pool.step_channel import StepChannel
+from rempd.worker_pool.ticket import Ticket
 from rempd.worker_pool.worker_setup import WorkerSetup
 
 log = logging.getLogger("rempd.workers")
@@ -81,6 +83,10 @@ class WorkerPool:
         self.devices = devices
         self.procs: list[WorkerProcess] = []
         self.conns: list[Connection] = []
+        # per worker, whose replies are due, in the order of the calls (None: a call's, read by collect), and
+        # the calls' replies read early, while a posted call's reply was looked for
+        self.due: list[deque[Ticket | None]] = [deque() for _ in devices]
+        self.early: list[deque[tuple[str, Any]]] = [deque() for _ in devices]
         try:
             authkey = secrets.token_bytes(32)
             with tempfile.TemporaryDirectory(prefix="remp-pool-") as tmp:
@@ -119,24 +125,66 @@ class WorkerPool:
     def alive(self) -> list[bool]:
         return [p.is_alive() for p in self.procs]
 
-    def send(self, method: str, *args: Any, workers: list[int] | None = None) -> list[int]:
+    def send(self, method: str, *args: Any, workers: list[int] | None = None, ticket: Ticket | None = None
+             ) -> list[int]:
         targets = list(range(self.size)) if workers is None else workers
         for i in targets:
             try:
                 self.conns[i].send((method, args))
             except (BrokenPipeError, ConnectionResetError, OSError) as exc:
                 raise WorkerError(i, f"not reachable ({exc})") from exc
+            self.due[i].append(ticket)
         return targets
+
+    def post(self, method: str, *args: Any, workers: list[int] | None = None) -> Ticket:
+        """Call without waiting: steps sent before it still have their replies read by collect, in order, and
+        its own replies are picked up on the way (poll, or any later collect), so the engine keeps stepping."""
+        ticket = Ticket(method, list(range(self.size)) if workers is None else workers)
+        self.send(method, *args, workers=ticket.workers, ticket=ticket)
+        return ticket
+
+    def poll(self, ticket: Ticket) -> bool:
+        """Read, without blocking, what the ticket's workers have replied so far; whether all of it is in."""
+        for i in ticket.workers:
+            while i not in ticket.replies and self.due[i] and self.conns[i].poll(0):
+                self._route(i, stash=True)
+            if i not in ticket.replies and not self.procs[i].is_alive():
+                raise WorkerError(i, f"died (exit code {self.procs[i].exitcode})")
+        return ticket.done
+
+    def result(self, ticket: Ticket, timeout: float | None = None) -> list[Any]:
+        """The ticket's replies, waiting for them; a worker's error is raised as it would be by call."""
+        for i in ticket.workers:
+            while i not in ticket.replies:
+                limit = self.reply_timeout if timeout is None else timeout
+                if not wait([self.conns[i], self.procs[i].sentinel], limit):
+                    raise WorkerError(i, f"no reply to {ticket.method} within {limit} s")
+                if not self.conns[i].poll(0):
+                    raise WorkerError(i, f"died (exit code {self.procs[i].exitcode})")
+                self._route(i, stash=True)
+        return [self._value(i, *ticket.replies[i]) for i in ticket.workers]
+
+    def _route(self, index: int, stash: bool = False) -> tuple[str, Any] | None:
+        """Read one reply of a worker: a posted call's goes to its ticket (None returned), a call's is returned,
+        or with `stash` kept for the collect that wants it."""
+        try:
+            reply = self.conns[index].recv()
+        except (EOFError, ConnectionResetError) as exc:
+            raise WorkerError(index, "died while replying") from exc
+        ticket = self.due[index].popleft() if self.due[index] else None
+        if ticket is None:
+            if not stash:
+                return reply
+            self.early[index].append(reply)
+            return None
+        ticket.replies[index] = reply
+        return None
 
     def send_step(self, step: StepInput, workers: list[int]) -> list[int]:
         """Start `execute` of one step on `workers`: the step is written once to shared memory, not per worker."""
         return self.send("execute_shared", self.channel.write(step), workers=workers)
 
-    def _read(self, index: int) -> Any:
-        try:
-            status, value = self.conns[index].recv()
-        except (EOFError, ConnectionResetError) as exc:
-            raise WorkerError(index, "died while replying") from exc
+    def _value(self, index: int, status: str, value: Any) -> Any:
         if status == "error":
             # the exception's own line says what went wrong; the full traceback goes to the log
             log.error("worker %d failed:\n%s", index, value)
@@ -148,15 +196,20 @@ class WorkerPool:
         other workers are blocked waiting for the failed one; a death of any worker ends the wait too."""
         timeout = self.reply_timeout if timeout is None else timeout
         replies: dict[int, Any] = {}
-        pending = {self.conns[i]: i for i in workers}
+        for i in workers:
+            if self.early[i]:
+                replies[i] = self._value(i, *self.early[i].popleft())
+        pending = {self.conns[i]: i for i in workers if i not in replies}
         while pending:
             ready = wait([*pending, *(p.sentinel for p in self.procs)], timeout)
             if not ready:
                 silent = self._stopped(list(pending.values())) or list(pending.values())
                 raise WorkerError(silent[0], f"no reply within {timeout} s")
             for conn in [c for c in ready if c in pending]:
-                index = pending.pop(conn)
-                replies[index] = self._read(index)
+                reply = self._route(pending[conn])
+                if reply is not None:  # else a posted call's reply came first: this call's is still to come
+                    index = pending.pop(conn)
+                    replies[index] = self._value(index, *reply)
             dead = [i for i, p in enumerate(self.procs) if p.sentinel in ready]
             if dead and pending:
                 raise WorkerError(dead[0], f"died (exit code {self.procs[dead[0]].exitcode})")

@@ -14,7 +14,8 @@ from rempd.engine.sampler import sample, sample_on_device
 from rempd.engine.step_input import StepInput
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.reshard import switch_shard
-from rempd.migrate.stage_shard import ShardStaging, stage_step
+from rempd.migrate.stage_shard import ShardStaging
+from rempd.migrate.stage_step import stage_step
 from rempd.migrate.shards import ModelGeometry, Shard, shard_of
 from rempd.model.llama import LlamaStage
 from rempd.shm_store.store import WeightStore
@@ -105,6 +106,9 @@ class Worker:
 
     def release(self) -> None:
         self.handoff.clear()
+        if self.staging is not None:  # a staged switch rolled back in its cut: its chunk in flight ends first
+            self.staging, staging = None, self.staging
+            staging.abort()
         self.runner.drop_graphs(staged=True)
         self.stage = self.kv = self.kv_shape = self.kv_buffer = None
         if self.device.type == "cuda":

@@ -1,0 +1,52 @@
+"""The worker's entry point for every step of a staged switch (Worker.staged).
+
+The steps the driver posts between serving steps (groups, chunk, poll, build, graphs) answer with a
+StagedReply: the seconds this worker's host spent in the step, which is what the serving steps behind it waited,
+whether the host-store loads are in, so that the driver sends the build only once it would not wait, and how
+many serving steps ran while chunks were in flight."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rempd.migrate.stage_shard import ShardStaging
+from rempd.worker_pool.device_memory import spare_bytes
+
+
+@dataclass(frozen=True)
+class StagedReply:
+    seconds: float
+    loaded: bool = True
+    overlapped_steps: int = 0
+
+
+def stage_step(worker, op: str, *args) -> object:
+    # bytes of device memory free for staging, counting the allocator's unused cache (None on CPU, where the
+    # driver's limit decides). Staging borrows the headroom gpu_memory_utilization leaves; giving back free KV
+    # blocks of the old pool is not done yet.
+    if op == "room":
+        return max(0, spare_bytes(worker)) if worker.device.type == "cuda" else None
+    start = time.perf_counter()
+    if op == "groups":  # every worker, staging or not, builds the groups together
+        worker.prepare_groups(*args)
+        return StagedReply(time.perf_counter() - start)
+    if op == "begin":
+        worker.staging = ShardStaging(worker, *args)
+        return worker.staging.pool_blocks()
+    staging: ShardStaging | None = worker.staging
+    if staging is None:
+        if op == "abort":
+            return None
+        raise RuntimeError(f"no staged switch to {op}")
+    if op in ("chunk", "poll", "build", "graphs"):
+        if op == "chunk":
+            staging.chunk(*args)
+        elif op == "build":
+            staging.build()
+        elif op == "graphs":
+            staging.graphs(*args)
+        return StagedReply(time.perf_counter() - start, staging.loaded(), staging.overlapped_steps)
+    if op in ("cut", "abort"):
+        worker.staging = None
+        return staging.cut(*args) if op == "cut" else staging.abort()
+    raise ValueError(f"unknown staging step {op!r}")
