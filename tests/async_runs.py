@@ -70,3 +70,19 @@ def assert_same_outputs(full: list, reference: dict[str, tuple], fed: dict[str, 
         assert fed[rid] == reference[rid], rid
     # r1 was aborted after six steps, with whatever it had by then: a prefix of its whole output
     assert fed["r1"][2] is None and fed["r1"][0] == full[1].token_ids[:len(fed["r1"][0])]
+
+
+def assert_preemption_keeps_tokens(checkpoint: str, reference: LLM, bytes_per_block: int, **topology: int) -> None:
+    """12 blocks of 16 tokens cannot hold 6 sequences of up to 50 tokens: with async tokens, run-ahead rows wait
+    for blocks instead of preempting, and the sequences preempted by recompute still produce `reference`'s tokens
+    (an engine without async tokens). bytes_per_block: one block of one worker of `topology`."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [p[:20] for p in PROMPTS]
+    expected = [o.token_ids for o in reference.generate(prompts, params)]
+    with LLM(checkpoint, kv_cache_memory=12 * bytes_per_block, block_size=16, max_model_len=64, async_tokens=True,
+             **topology) as small:
+        assert small.engine.scheduler.blocks.num_blocks == 12
+        assert [o.token_ids for o in small.generate(prompts, params)] == expected
+        assert small.engine.stats().num_preempted > 0
+        blocks = small.engine.scheduler.blocks
+        assert blocks.num_free == blocks.num_blocks

@@ -4,7 +4,8 @@ and seeded, with stop strings, stop tokens, max_tokens, requests joining mid-run
 through pp = 2 and back (pp > 1 on four workers: test_async_tokens_pp.py)."""
 import pytest
 
-from async_runs import GREEDY, PROMPTS, assert_same_outputs, params_for, run_mixed, set_async, spy_steps
+from async_runs import (GREEDY, PROMPTS, assert_preemption_keeps_tokens, assert_same_outputs, params_for, run_mixed,
+                        set_async, spy_steps)
 from rempd import LLM, SamplingParams
 from rempd.topology import Topology
 from rempd.worker_pool.pool import WorkerError
@@ -108,16 +109,5 @@ def test_recovery_with_a_step_run_ahead(llm, monkeypatch):
 
 
 def test_preemption_with_async_tokens(checkpoints, llm):
-    """12 blocks of 16 tokens cannot hold 6 sequences of up to 50 tokens: run-ahead rows wait for blocks instead
-    of preempting, and the sequences preempted by recompute still produce the same tokens."""
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    prompts = [p[:20] for p in PROMPTS]
-    reference = [o.token_ids for o in llm.generate(prompts, params)]
     bytes_per_block = 4 * 2 * 16 * 1 * 16 * 4  # layers, K and V, block size, kv heads per rank at TP2, head dim, fp32
-    with LLM(checkpoints["tiny-llama"], tp=2, kv_cache_memory=12 * bytes_per_block, block_size=16,
-             max_model_len=64, async_tokens=True) as small:
-        assert small.engine.scheduler.blocks.num_blocks == 12
-        assert [o.token_ids for o in small.generate(prompts, params)] == reference
-        assert small.engine.stats().num_preempted > 0
-        blocks = small.engine.scheduler.blocks
-        assert blocks.num_free == blocks.num_blocks
+    assert_preemption_keeps_tokens(checkpoints["tiny-llama"], llm, bytes_per_block, tp=2)

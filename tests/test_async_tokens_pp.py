@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 import fault_tools
-from async_runs import GREEDY, PROMPTS, assert_same_outputs, params_for, run_mixed, set_async, spy_steps
+from async_runs import (GREEDY, PROMPTS, assert_preemption_keeps_tokens, assert_same_outputs, params_for, run_mixed,
+                        set_async, spy_steps)
 from rempd import LLM, SamplingParams
 from rempd.topology import Topology
 from token_log import TokenLog
@@ -78,19 +79,8 @@ def test_live_switches_between_pp_topologies(llm4):
 
 
 def test_preemption_at_pp2(checkpoints, llm4):
-    """Too few blocks for 6 sequences of up to 50 tokens at TP1PP2: run-ahead rows wait for blocks instead of
-    preempting, and the sequences preempted by recompute still produce the same tokens."""
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    prompts = [p[:20] for p in PROMPTS]
-    reference = [o.token_ids for o in llm4.generate(prompts, params)]
     bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4  # layers per stage, K and V, block size, kv heads, head dim, fp32
-    with LLM(checkpoints["tiny-llama"], pp=2, kv_cache_memory=12 * bytes_per_block, block_size=16,
-             max_model_len=64, async_tokens=True) as small:
-        assert small.engine.scheduler.blocks.num_blocks == 12
-        assert [o.token_ids for o in small.generate(prompts, params)] == reference
-        assert small.engine.stats().num_preempted > 0
-        blocks = small.engine.scheduler.blocks
-        assert blocks.num_free == blocks.num_blocks
+    assert_preemption_keeps_tokens(checkpoints["tiny-llama"], llm4, bytes_per_block, pp=2)
 
 
 def test_daemon_streams_through_live_switches_with_async_tokens(llm4, start_daemon, checkpoints):
