@@ -60,16 +60,14 @@ class SwitchReport:
             self.priced_extra_bytes = worst["predicted_extra_bytes"]
             self.outside_growth_bytes = max(r["outside_growth_bytes"] for r in workers)
 
-    def add_staging(self, kind: str, seconds: list[float], overlapped_steps: int | None = None) -> None:
+    def add_staging(self, kind: str, seconds: list[float]) -> None:
         """Fold in one staging gap's work (staged switches): its slowest worker's host seconds, which the steps
-        behind it waited, summed and the most of one gap, per kind; and the steps its chunks overlapped so far."""
+        behind it waited, summed and the most of one gap, per kind."""
         detail, key, slowest = self.transform_detail, f"staging_{kind}", max(seconds)
         detail[key] = detail.get(key, 0.0) + slowest
         detail[f"{key}_max"] = max(detail.get(f"{key}_max", 0.0), slowest)
         if kind == "graphs":
             detail["graph_precapture"] = detail[key]
-        if overlapped_steps is not None:
-            detail["staging_overlapped_steps"] = overlapped_steps
 
     def to_dict(self) -> dict:
         return asdict(self)

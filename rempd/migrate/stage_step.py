@@ -2,8 +2,7 @@
 
 The steps the driver posts between serving steps (groups, chunk, poll, build, graphs) answer with a
 StagedReply: the seconds this worker's host spent in the step, which is what the serving steps behind it waited,
-whether the host-store loads are in, so that the driver sends the build only once it would not wait, and how
-many serving steps ran while chunks were in flight."""
+and whether the host-store loads are in, so that the driver sends the build only once it would not wait."""
 from __future__ import annotations
 
 import time
@@ -17,7 +16,6 @@ from rempd.worker_pool.device_memory import spare_bytes
 class StagedReply:
     seconds: float
     loaded: bool = True
-    overlapped_steps: int = 0
 
 
 def stage_step(worker, op: str, *args) -> object:
@@ -45,7 +43,7 @@ def stage_step(worker, op: str, *args) -> object:
             staging.build()
         elif op == "graphs":
             staging.graphs(*args)
-        return StagedReply(time.perf_counter() - start, staging.loaded(), staging.overlapped_steps)
+        return StagedReply(time.perf_counter() - start, staging.loaded())
     if op in ("cut", "abort"):
         worker.staging = None
         return staging.cut(*args) if op == "cut" else staging.abort()

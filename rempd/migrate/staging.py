@@ -133,10 +133,9 @@ class StagedSwitch:
         """The replies of the last gap's work; a worker's error raises here."""
         replies, kind = self.engine.pool.result(self.ticket), self.ticket_kind
         self.ticket = None
-        chunks = kind != "groups"
-        self.loaded = all(r.loaded for r in replies) if chunks else self.loaded
-        self.report.add_staging(kind, [r.seconds for r in replies],
-                                max(r.overlapped_steps for r in replies) if chunks else None)
+        if kind != "groups":
+            self.loaded = all(r.loaded for r in replies)
+        self.report.add_staging(kind, [r.seconds for r in replies])
 
     def _post_gap(self) -> None:
         kind = self.tasks.next_kind
