@@ -81,7 +81,7 @@ for step in "$@"; do
         timeout "${LIMIT:-450}" python3 bench/workload.py run --url http://127.0.0.1:18100 --socket /tmp/wl.sock \
             --model "$SHAPE" --modes TP4PP1,TP2PP2,TP1PP4,auto --profile --peak-rate profile \
             --slo-ttft profile --slo-itl profile --duration "${DURATION:-56}" --prompt-tokens 256 --output-tokens 64 \
-            --out "$OUT/workload_$SHAPE.json" --plot "$OUT/workload_$SHAPE.png" 2>&1 | tee "$OUT/workload.log" | tail -40
+            --keep-records --out "$OUT/workload_$SHAPE.json" --plot "$OUT/workload_$SHAPE.png" 2>&1 | tee "$OUT/workload.log" | tail -40
         kill -TERM $RPID; wait $RPID ;;
     esac
 done

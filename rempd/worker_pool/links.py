@@ -2,6 +2,7 @@
 measured at start-up for plan's predictions. Every worker runs these together (they are collectives)."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -9,14 +10,18 @@ import torch.distributed as dist
 
 from rempd.topology import Placement
 
+log = logging.getLogger("rempd.links")
 WARM_BYTES = 64 << 20
+SLOW_GROUPS_S = 0.05
 
 
 def prepare_groups(worker, placement: Placement) -> int:
     """Build the groups of `placement` that are not cached, and use each link once: NCCL sets up a
     communicator on its first use, which belongs to this phase, not to the first step after the switch.
     Every worker calls this together."""
+    marks = [time.perf_counter()]
     built = worker.groups.build(placement)
+    marks.append(time.perf_counter())
     coords = placement.coords(worker.setup.index)
     if coords is not None:
         pp_rank, tp_rank = coords
@@ -24,14 +29,22 @@ def prepare_groups(worker, placement: Placement) -> int:
         group = worker.groups.get(placement.tp_group(pp_rank))
         if group is not None:
             dist.all_reduce(token, group=group)
+        marks.append(time.perf_counter())
         if pp_rank > 0:
             dist.recv(token, src=placement.worker(pp_rank - 1, tp_rank), group=worker.world)
         if pp_rank < placement.topology.pp - 1:
             dist.send(token, dst=placement.worker(pp_rank + 1, tp_rank), group=worker.world)
+        marks.append(time.perf_counter())
         # this stream only: a staged switch's host-store loads run on a side stream meanwhile, and a device-wide
         # sync waited for all of them (0.38 s of 'groups' on 2x H200, where the groups themselves were warm)
         if worker.device.type == "cuda":
             torch.cuda.current_stream(worker.device).synchronize()
+        marks.append(time.perf_counter())
+    if marks[-1] - marks[0] > SLOW_GROUPS_S:  # warm groups take milliseconds: say where a slow one waited
+        steps = ("build", "all_reduce", "hand_off", "sync")
+        log.warning("worker %d: groups of %s took %.3f s (%s)", worker.setup.index, placement,
+                    marks[-1] - marks[0], ", ".join(f"{name} {b - a:.3f}" for name, a, b in
+                                                      zip(steps, marks, marks[1:])))
     return built
 
 
