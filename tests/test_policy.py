@@ -99,6 +99,20 @@ def test_low_load_chooses_the_fastest_and_high_load_the_one_that_carries_it():
     assert decide(Policy(config()), 100, "TP4PP1", obs(0.5)).action == "stay"
 
 
+def test_when_none_meets_the_objectives_one_near_its_ceiling_comes_last():
+    """At 3.8/s TP4PP1 (ceiling 4) predicts the lowest score, but it is within headroom of its ceiling: a queue
+    would build there, so TP2PP2, which misses the objectives by more but carries the load, is chosen."""
+    tight = config(slo_ttft=0.05, slo_itl=0.005)
+    ps = profiles()
+    scores = {t: Policy(tight).score(t, 3.8, ps)[0] for t in TOPOLOGIES}
+    assert min(scores, key=scores.get) == "TP4PP1" and all(s > 1 for s in scores.values()), scores
+    d = decide(Policy(tight), 100, "TP4PP1", obs(3.8))
+    assert (d.action, d.target) == ("switch", "TP2PP2"), d.reason
+    assert decide(Policy(tight), 100, "TP2PP2", obs(3.8)).action == "stay"
+    # with room below every ceiling the lowest score still wins
+    assert decide(Policy(tight), 100, "TP2PP2", obs(1.0)).target == "TP4PP1"
+
+
 def test_a_switch_must_gain_more_than_hysteresis_plus_its_own_cost():
     # at 1.6/s TP4PP1 (current) scores ~0.36 and TP2PP2 ~0.4: no reason to move
     assert decide(Policy(config()), 100, "TP4PP1", obs(1.6)).action == "stay"

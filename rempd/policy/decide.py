@@ -8,12 +8,14 @@ Rules, in order (each decision's reason names the one that settled it):
    measured window (once the window holds min_requests), and at least 1 while its KV cache is full.
 3. cost(T) = score(T) + device_cost × devices(T). Candidates that may be entered: score ≤ 1 − headroom and
    load ≤ (1 − headroom) × ceiling. The best is the cheapest of those; when none qualifies, the one
-   with the lowest score (then the highest ceiling).
+   with the lowest score among those below (1 − headroom) × ceiling, else the lowest score (then the highest
+   ceiling).
 4. Switch to the best only if all hold:
    - dwell: at least dwell_s since the last switch;
    - gain: cost(current) − cost(best) > hysteresis + switch_s / horizon_s, where switch_s is the plan's
      predicted switch time (calibrated by past switches): a paused second costs one SLO unit, spread
-     over the horizon the new topology will serve;
+     over the horizon the new topology will serve (infinite when the best carries the load with headroom
+     and the current one does not);
    - no return: a topology left less than memory_s ago is entered again only once the load has moved
      by return_band from where it was left (noise around one load cannot make the policy flap).
 """
@@ -127,9 +129,18 @@ class Policy:
             worse = max(here.score, measured if measured is not None else 0.0,
                         1.0 if obs.kv_usage >= c.kv_full else 0.0)
             here.score, here.cost = worse, worse + c.device_cost * devices_of(current)
+
+        def carries(x: Candidate) -> bool:
+            return load <= (1 - c.headroom) * x.ceiling
+
         enterable = [x for x in ranked if x.enterable and x is not here]
-        pool = enterable + [here] if enterable else ranked
-        best = min(pool, key=lambda x: (x.cost, -x.ceiling, x is not here))
+        if enterable:
+            best = min(enterable + [here], key=lambda x: (x.cost, -x.ceiling, x is not here))
+        else:
+            # none meets the objectives: one near its ceiling builds a queue that every later request waits
+            # behind (4x H100, 7B: TP4PP1 near 36/s had TTFT p50 1.6 s at peak and 3.3 s after it, where TP2PP2
+            # stayed at 0.16 s), so those that carry the load with headroom come first, then the lowest score
+            best = min(ranked, key=lambda x: (not carries(x), x.cost, -x.ceiling, x is not here))
 
         def decision(action: Action, reason: str, target: str | None = best.topology) -> Decision:
             return Decision(now, action, current, target, reason, load, ranked)
@@ -139,7 +150,7 @@ class Policy:
                                     f"(score {_num(here.score)})", None)
         switch_s = switch_seconds.get(best.topology, 0.0)
         threshold = c.hysteresis + switch_s / (c.horizon_s or c.dwell_s)
-        gain = _gain(here, best)
+        gain = math.inf if carries(best) and not carries(here) else _gain(here, best)
         if not gain > threshold:
             return decision("hold", f"{best.topology} gains {_num(gain)} over {current}, not more than "
                                     f"hysteresis + switch cost {threshold:.3f}")
