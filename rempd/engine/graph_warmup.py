@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from rempd.topology import valid_topologies
+from rempd.worker_pool.cuda_graphs import buckets_up_to
 from rempd.worker_pool.kernel_warmup import WarmupShape
 
 log = logging.getLogger("rempd.engine")
@@ -48,9 +49,24 @@ def capture_live_graphs(engine) -> float:
 def live_batch_sizes(engine, pp: int) -> list[int]:
     """The decode batch sizes the running sequences make under `pp` stages: micro-batches of an even share
     (see LLMEngine.step)."""
-    n = len(engine.scheduler.running)
+    return batch_sizes(len(engine.scheduler.running), pp)
+
+
+def batch_sizes(n: int, pp: int) -> list[int]:
     share = -(-n // pp) if n else 0
     return [min(share, n - start) for start in range(0, n, share)] if n else []
+
+
+def expected_batch_sizes(engine, pp: int) -> list[int]:
+    """The live batch sizes, and those once the waiting requests join it, one per graph bucket, largest first (as
+    DecodeGraphs.capture orders them, so that smaller ones fit in the larger's memory): a staged switch captures
+    them all before its cut, so that requests waiting at that time, which join the batch after it, do not make the
+    first steps after the cut capture (a capture holds every step of the stage: 30-70 ms each on 4x H100, 7B)."""
+    sizes = live_batch_sizes(engine, pp)
+    joined = min(len(engine.scheduler.running) + len(engine.scheduler.waiting), engine.config.max_num_seqs)
+    buckets = buckets_up_to(engine.config.max_num_seqs)
+    by_bucket = {next(b for b in buckets if b >= n): n for n in [*batch_sizes(joined, pp), *sizes]}
+    return sorted(by_bucket.values(), reverse=True)
 
 
 def live_buckets(engine, pp: int) -> int:

@@ -9,7 +9,7 @@ from collections import deque
 from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
-from rempd.engine.graph_warmup import capture_live_graphs, live_batch_sizes
+from rempd.engine.graph_warmup import capture_live_graphs, expected_batch_sizes
 from rempd.migrate.delta import CutLayout, PrecopyLedger
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
@@ -145,7 +145,7 @@ class StagedSwitch:
         if kind == "graphs":  # decode graphs of the new stages over the pool they will keep, captured while the
             # old topology serves, so that the cut does not wait for them (only for a bucket the batch moved to)
             blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
-            sizes = sorted(set(live_batch_sizes(engine, self.plan.new.topology.pp))) if kept else []
+            sizes = expected_batch_sizes(engine, self.plan.new.topology.pp) if kept else []
         work = self.tasks.next_gap(self.loaded, self.budget.chunks_per_gap, sizes)
         if work is not None and work.kind == "groups":
             # the groups' first collectives and hand-offs run on the world group's links, which the steps in
