@@ -1,12 +1,12 @@
 """The engine's view of its links, set up once at start-up: groups and peer connections opened before any KV
-pool takes their memory, link speeds measured for plan's predictions, and the fixed cost of a switch calibrated."""
+pool takes their memory, link speeds measured for plan's predictions, and the costs it learns calibrated."""
 from __future__ import annotations
 
 import logging
 import time
 
 from rempd.engine.graph_warmup import capture_graphs
-from rempd.migrate.predict import LinkSpeeds
+from rempd.migrate.predict import LinkSpeeds, Price
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import SwitchTransaction
 from rempd.topology import Placement, Topology, group_member_sets, stage_layers, valid_topologies
@@ -38,10 +38,8 @@ def measure_links(engine) -> LinkSpeeds:
 
     built = [(i["group_seconds"], i["groups_built"]) for i in engine.shard_infos if i["groups_built"]]
     group = max((sec / n for sec, n in built), default=0.0)
-    allocs = sorted(i["kv_bytes"] / i["kv_alloc_seconds"] / 1e9 for i in engine.shard_infos if i["kv_alloc_seconds"])
-    alloc = allocs[len(allocs) // 2] if allocs else 0.0
     steps = sorted(r["step"] for r in results if "step" in r)
-    return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc, alloc,
+    return LinkSpeeds(speed("host"), speed("peer"), speed("local"), group, rpc,
                       step_seconds=steps[len(steps) // 2] if steps else 0.0)
 
 
@@ -57,18 +55,14 @@ def calibration_switch(engine, keep_pool: bool, target: Placement | Topology | N
 
 
 def calibrate(engine) -> None:
-    """Switch twice onto the placement in use, with nothing live. The first frees and allocates the KV pool as a
-    switch that cannot keep it does: freeing the pool and the old weights and allocating a pool of tens of GB
-    cost 3-6× what install's allocation alone suggests (4× H100), so that prices a fresh pool. The second keeps
-    the pool: its time beyond what bytes and links explain is the fixed cost plan adds to every prediction.
-    Nothing changes for a client; neither is in the history."""
-    fresh = calibration_switch(engine, keep_pool=False)
-    pool = max(i["kv_bytes"] for i in engine.pool.call("info", workers=engine.active))
-    spent = sum(fresh.transform_detail.get(step, 0.0) for step in ("kv_free", "weights_free", "kv_alloc"))
-    if pool and spent > 0:  # predict() prices a fresh pool as 2 × its bytes / alloc_gbps
-        engine.links.alloc_gbps = 2 * pool / spent / 1e9
-    report = calibration_switch(engine, keep_pool=True)
-    engine.links.fixed_seconds = max(0.0, report.total_seconds - report.predicted["total"])
+    """Switch twice onto the placement in use, with nothing live: the first frees the KV pool and the old weights
+    and allocates a new pool, as a switch that cannot keep the pool does (on 4× H100 that costs 3-6× what install's
+    allocation alone suggests); the second keeps the pool. What each spent beyond its bytes and links sets the
+    learned costs of its regime (LinkSpeeds.learn), the plan and quiesce phases' among them. Nothing changes for a
+    client; neither is in the history."""
+    fresh, kept = calibration_switch(engine, keep_pool=False), calibration_switch(engine, keep_pool=True)
+    for report in (kept, fresh):  # a fresh pool is priced beyond the kept pool's fixed cost: learn that first
+        engine.links.learn(Price(**report.priced), report.phases, rate=1.0)
     # the switch dropped the decode graphs: one bucket's capture, its kernels compiled by install's, prices a
     # switch's (per layer of a stage); then every bucket again, ready for the first requests
     layers = max(len(r) for r in stage_layers(engine.model_config.num_layers, engine.placement.topology.pp))
@@ -76,15 +70,16 @@ def calibrate(engine) -> None:
     if engine.config.cuda_graphs and not engine.config.is_cpu:
         warm_first_captures(engine)
     capture_graphs(engine)
-    log.info("calibration switch: %.3f s, %.3f s of it fixed cost", report.total_seconds,
-             engine.links.fixed_seconds)
+    log.info("calibration switches: %.3f s keeping the KV pool (%.3f s fixed cost), %.3f s with a fresh one",
+             kept.total_seconds, engine.links.fixed_seconds, fresh.total_seconds)
 
 
 def warm_first_captures(engine) -> list[int]:
     """Visit, with nothing live, each other TP size that uses every device, capturing one decode graph there, then
-    come back; the TP sizes visited. A worker's first capture in a TP size took 0.14-0.19 s where later ones take 0.03 s, with the
-    kernels compiled and their matmul shapes run at start-up (4x H100, 7B; bench/first_switch_capture.py): the
-    first live switch into each TP size paid it inside its pause, and a staged switch in one serving gap."""
+    come back; the TP sizes visited. A worker's first capture in a TP size took 0.14-0.19 s where later ones take
+    0.03 s, with the kernels compiled and their matmul shapes run at start-up (4x H100, 7B;
+    bench/first_switch_capture.py): the first live switch into each TP size paid it inside its pause, and a staged
+    switch in one serving gap."""
     home, size = engine.placement, len(engine.devices)
     cfg = engine.model_config
     tp_sizes = sorted({t.tp for t in valid_topologies(size, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers)

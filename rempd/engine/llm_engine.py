@@ -22,6 +22,7 @@ from rempd.engine.sequence import Sequence
 from rempd.engine.status import engine_status
 from rempd.engine.step_input import StepInput
 from rempd.engine.step_log import StepLog
+from rempd.migrate.predict import Price
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.transaction import Fault, SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
@@ -218,7 +219,7 @@ class LLMEngine:
             self.switches.append(report)
         transaction.run()
         if report.state == "committed":
-            self.links.learn(report.total_seconds - report.predicted["total"])
+            self.links.learn(Price(**report.priced), report.phases, report.transform_detail.get("graph_capture"))
         if transaction.outputs:
             self.last_output_at = time.perf_counter()
         if report.requests_live:

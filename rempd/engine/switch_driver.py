@@ -10,9 +10,8 @@ from typing import Callable
 from rempd.engine.graph_warmup import live_buckets
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import RequestOutput
-from rempd.migrate.predict import plan_summary, pool_bytes
+from rempd.migrate.predict import plan_summary
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.shards import ModelGeometry
 from rempd.migrate.staging import StagedSwitch, StagingOptions
 from rempd.migrate.transaction import Fault, check_capacity, choose_pool, make_plan, new_groups
 from rempd.topology import Placement, Topology
@@ -41,11 +40,9 @@ class SwitchDriver:
     def plan(self, target: Topology | Placement) -> dict:
         engine = self.engine
         plan = make_plan(engine, target)
-        num_blocks, kept = choose_pool(engine, *check_capacity(engine, plan))
-        geo = ModelGeometry(engine.model_config, engine.template.dtype)
-        fresh_pool = 0 if kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
+        _, kept = choose_pool(engine, *check_capacity(engine, plan))
         buckets = live_buckets(engine, plan.new.topology.pp)
-        summary = plan_summary(plan, engine.links, new_groups(engine, plan), fresh_pool, buckets)
+        summary = plan_summary(plan, engine.links, new_groups(engine, plan), not kept, buckets)
         return summary | {"kv_pool_kept": kept}
 
     def running(self) -> SwitchReport | None:

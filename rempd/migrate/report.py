@@ -22,6 +22,7 @@ class SwitchReport:
     placement: list[int] | None = None  # chosen placement of the target
     phases: dict[str, float] = field(default_factory=dict)  # seconds per finished phase
     predicted: dict[str, float] = field(default_factory=dict)  # plan's prediction, seconds per phase
+    priced: dict = field(default_factory=dict)  # what the prediction priced (predict.Price), to learn from
     transform_detail: dict[str, float] = field(default_factory=dict)  # slowest worker's seconds per step
     # seconds of the plan phase spent choosing the placement, and asking the workers what fits (0.04-0.19 s on
     # 4x H100, more than its compute explains on CPU)

@@ -9,13 +9,14 @@ import os
 import signal
 import time
 from collections import deque
+from dataclasses import asdict
 from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, live_buckets
 from rempd.migrate.layer_steps import Step, layer_steps
 from rempd.migrate.plan import SwitchPlan, plan_switch
-from rempd.migrate.predict import LinkSpeeds, pool_bytes, predict
+from rempd.migrate.predict import LinkSpeeds, phases_of, price
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry
 from rempd.topology import Placement, Topology, TopologyError, check_topology
@@ -167,10 +168,9 @@ class SwitchTransaction:
             plan = make_plan(engine, plan.new, plan.layer_steps)  # the live KV is final now
             report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
             report.in_place = plan.in_place
-            geo = ModelGeometry(engine.model_config, engine.template.dtype)
-            fresh_pool = 0 if report.kv_pool_kept else pool_bytes(geo, plan, num_blocks, engine.config.block_size)
             buckets = live_buckets(engine, plan.new.topology.pp)
-            report.predicted = predict(plan, self.links, new_groups(engine, plan), fresh_pool, buckets)
+            priced = price(plan, self.links, new_groups(engine, plan), not report.kv_pool_kept, buckets)
+            report.priced, report.predicted = asdict(priced), phases_of(priced, self.links)
             report.requests_live = len(live)
             self._leave("quiesce", start)
 

@@ -59,7 +59,6 @@ class Worker:
         self.kv_buffer: torch.Tensor | None = None  # the pool's raw bytes: a switch may view them in a new shape
         self.kv_shape: KVShape | None = None
         self.handoff = PipelineHandoff(self.world, self.device, setup.world_size)
-        self.kv_alloc_seconds = 0.0  # the last pool allocation, for plan's price of a new pool
         self.channel = StepChannel.attach(setup.step_channel) if setup.step_channel else None
         self.runner = StepRunner(self.device, use_kernels(setup.attention, self.device))
         self.staging: ShardStaging | None = None  # the target shard of a staged switch, built beside this one
@@ -99,10 +98,8 @@ class Worker:
 
     def allocate_kv(self, num_blocks: int) -> None:
         if self.kv_shape is not None:
-            start = time.perf_counter()
             self.kv = self.new_pool(self.kv_shape, num_blocks)
             self._sync()
-            self.kv_alloc_seconds = time.perf_counter() - start
 
     def release(self) -> None:
         self.handoff.clear()
@@ -238,7 +235,7 @@ class Worker:
                 "kv_blocks": 0 if self.kv is None else self.kv.shape[2],
                 "kv_bytes": 0 if self.kv is None else self.kv.numel() * self.kv.element_size(),
                 "groups_built": len(self.groups.groups), "group_seconds": self.groups.build_seconds,
-                "kv_alloc_seconds": self.kv_alloc_seconds, **self.runner.info()}
+                **self.runner.info()}
 
     def shutdown(self) -> None:
         self.release()
