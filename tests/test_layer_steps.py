@@ -8,7 +8,7 @@ from rempd.migrate.layer_steps import build_order, free_steps, layer_steps, piec
 from rempd.migrate.plan import plan_switch
 from rempd.migrate.predict import LinkSpeeds, predict
 from rempd.migrate.shards import ModelGeometry, shard_of
-from rempd.migrate.transaction import SwitchRefused, choose_order
+from rempd.migrate.capacity import SwitchRefused, choose_order
 from rempd.migrate.transform_memory import headrooms, kv_bytes, transform_extra
 from rempd.model.config import ModelConfig
 from rempd.model.make_checkpoint import shape_config

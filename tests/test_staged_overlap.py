@@ -1,5 +1,5 @@
 """A staged switch driven as the engine thread drives it, on 2 CPU workers: staging work is posted between steps
-without draining the steps in flight, its chunk transfers stay in flight across serving steps, and the tokens
+without draining the steps in flight (but for the groups' gap), its chunk transfers stay in flight across serving steps, and the tokens
 equal those of no switch."""
 from rempd.engine.config import EngineConfig
 from rempd.engine.llm_engine import LLMEngine
@@ -56,6 +56,8 @@ def test_staging_transfers_overlap_serving_steps_and_tokens_stay_identical(check
     # weights and KV moved in chunks, each left in flight while the workers ran serving steps
     assert detail["staging_weights"] > 0 and detail["staging_precopy"] > 0, detail
     assert detail["staging_overlapped_steps"] > 0, detail
-    # no gap drained the pipeline's micro-batches in flight: the engine went back to stepping with them
-    assert all(after == before for before, after in in_flight), in_flight
+    # only the groups' gap drained the pipeline's micro-batches in flight (their collectives share the world
+    # group's links with the steps); after every other gap the engine went back to stepping with them
+    drained = [(before, after) for before, after in in_flight if after != before]
+    assert len(drained) == 1 and drained[0][1] == 0, in_flight
     assert sum(before > 0 for before, _ in in_flight) > 3, in_flight

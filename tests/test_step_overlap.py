@@ -75,3 +75,36 @@ def test_failed_send_is_raised_after_the_tokens_reach_their_requests(llm, monkey
             tokens[out.request_id] += out.new_token_ids
     assert [tokens[f"fail-{i}"] for i in range(len(PROMPTS))] == [r.token_ids for r in reference]
     assert_idle(llm)
+
+
+def test_a_quiesce_cut_short_by_a_worker_failure_keeps_the_outputs_it_made(checkpoints, monkeypatch):
+    """quiesce finishes every batch in flight (one run ahead with async tokens): when the second batch's collect
+    fails, the first one's outputs, each carrying its token's text once, are handed out after recovery, not lost
+    with the exception."""
+    with LLM(checkpoints["tiny-llama"], cpu_workers=1, max_num_seqs=4, async_tokens=True) as llm:
+        reference = llm.generate(PROMPTS, GREEDY)
+        engine = llm.engine
+        for i, ids in enumerate(PROMPTS):
+            engine.add_request(f"cut-{i}", ids, GREEDY)
+        tokens = {f"cut-{i}": [] for i in range(len(PROMPTS))}
+        while len(engine.in_flight) < 2:
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        collect, calls = engine.pool.collect, []
+
+        def fails_second(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:
+                raise WorkerError(0, "died while replying (test)")
+            return collect(*args, **kwargs)
+
+        monkeypatch.setattr(engine.pool, "collect", fails_second)
+        with pytest.raises(WorkerError, match="died"):
+            engine.quiesce()
+        assert sorted(out.request_id for out in engine.made) == sorted(tokens)
+        monkeypatch.setattr(engine.pool, "collect", collect)
+        engine.recover("test")
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+    assert [tokens[f"cut-{i}"] for i in range(len(PROMPTS))] == [r.token_ids for r in reference]

@@ -13,7 +13,7 @@ from rempd import systemd
 from rempd.api.errors import APIError, documented
 from rempd.engine.switch_driver import SwitchInProgress
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.transaction import SwitchRefused
+from rempd.migrate.capacity import SwitchRefused
 from rempd.topology import Placement, Topology, TopologyError
 
 log = logging.getLogger("rempd.control")

@@ -23,6 +23,8 @@ from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 
 log = logging.getLogger("rempd.engine")
+IDLE_WAIT_S = 0.1  # how long an idle engine waits for a command before looking after its workers
+PLAN_POLL_S = 0.001  # how often an idle engine looks for the workers' answer to a dry run
 
 
 class AsyncEngine:
@@ -96,6 +98,9 @@ class AsyncEngine:
         if kind == "call":  # request_id holds the function, args[0] the future
             self._call(request_id, args[0])
             return
+        if kind == "plan":  # request_id holds the target
+            self.switch_driver.start_plan(request_id, args[0])
+            return
         if kind == "abort":
             self.engine.abort_request(request_id)
             return
@@ -123,8 +128,11 @@ class AsyncEngine:
         return await asyncio.wrap_future(future)
 
     async def plan(self, target: Topology | Placement) -> dict:
-        """A dry run: the placement, the bytes per source and the predicted phase times, or SwitchRefused."""
-        return await self.on_engine_thread(lambda: self.switch_driver.plan(target))
+        """A dry run: the placement, the bytes per source and the predicted phase times, or SwitchRefused. Steps
+        go on meanwhile (unlike on_engine_thread, it drains none)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.commands.put(("plan", target, future))
+        return await asyncio.wrap_future(future)
 
     def running_switch(self) -> SwitchReport | None:
         return self.switch_driver.running()
@@ -148,7 +156,8 @@ class AsyncEngine:
         engine = self.engine
         while not self.stopping.is_set():
             try:
-                timeout = None if engine.has_unfinished() or self.switch_driver.staging else 0.1
+                timeout = None if engine.has_unfinished() or self.switch_driver.staging else \
+                    PLAN_POLL_S if self.switch_driver.plans else IDLE_WAIT_S
                 while True:
                     self._apply(self.commands.get(block=timeout is not None, timeout=timeout))
                     timeout = None
@@ -156,6 +165,8 @@ class AsyncEngine:
                 pass
             if self.switch_driver.staging is not None:
                 self.switch_driver.advance()
+            if self.switch_driver.plans:
+                self.switch_driver.advance_plans()
             if not engine.has_unfinished():
                 # idle: nothing would touch a dead worker, so look for one (at most every 0.1 s)
                 dead = [i for i, alive in enumerate(engine.pool.alive()) if not alive]

@@ -76,6 +76,9 @@ class LLMEngine:
         self.pause_report: SwitchReport | None = None  # a switch whose live requests have not produced again yet
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[ScheduledBatch] = deque()
+        # outputs made by a quiesce that a worker failure cut short (each carries its token's text only once):
+        # the next step or quiesce hands them out
+        self.made: list[RequestOutput] = []
         # per batch: begin (its scheduling began), sent, replied (its tokens are in), done (its outputs are made)
         self.step_log = StepLog(("begin", "sent", "replied", "done"), ("seqs",))
         self.send_failure: WorkerError | None = None  # sending the next batch failed; the next step raises it
@@ -116,12 +119,14 @@ class LLMEngine:
             self.scheduler.finish(request.seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests or self.in_flight)  # a batch of finished requests may still be in flight
+        return bool(self.requests or self.in_flight or self.made)  # finished requests' batches may be in flight
 
     def step(self) -> list[RequestOutput]:
         self._raise_send_failure()
         self._fill()
         outputs = self.finish_oldest(refill=True) if self.in_flight else []
+        if self.made:
+            outputs, self.made = self.made + outputs, []
         if outputs:
             now = time.perf_counter()
             if self.pause_report is not None:  # the first tokens after a switch end its serving pause
@@ -172,9 +177,9 @@ class LLMEngine:
     def quiesce(self) -> list[RequestOutput]:
         """Finish every micro-batch in flight; nothing new is scheduled until the caller steps again."""
         self._raise_send_failure()
-        outputs = []
         while self.in_flight:
-            outputs += self.finish_oldest()
+            self.made += self.finish_oldest()
+        outputs, self.made = self.made, []
         if outputs:
             self.last_output_at = time.perf_counter()
         return outputs
@@ -187,7 +192,8 @@ class LLMEngine:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after a worker failure) and forget in-flight steps."""
-        outputs = [request.fail(self.scheduler, message) for request in self.requests.values()]
+        outputs = self.made + [request.fail(self.scheduler, message) for request in self.requests.values()]
+        self.made = []
         self.requests.clear()
         self.in_flight.clear()
         self.send_failure = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.shards import ModelGeometry, shard_of
-from rempd.migrate.transaction import choose_pool
+from rempd.migrate.capacity import choose_pool
 from rempd.topology import Placement, kv_heads_per_rank
 
 GROWTH = 1.25  # live KV grows while staging: room for a quarter more
@@ -37,16 +37,15 @@ class StagingBudget:
             self.memory_limit = engine.config.kv_cache_memory
         self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
 
-    def unfit(self, plan: SwitchPlan, capacity: int) -> str | None:
+    def unfit(self, plan: SwitchPlan, capacity: int, rooms: list[int | None]) -> str | None:
         """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one gap's chunks
         in flight must fit in each new worker's free memory (and the staging limit). capacity: the new pool's
-        blocks."""
+        blocks; rooms: each new worker's answer to the staging step "room"."""
         engine, cfg = self.engine, self.engine.model_config
         live = sum(len(s.block_table) for s in engine.scheduler.running)
         expected = math.ceil(live * GROWTH) + len(engine.scheduler.running)
         if self.memory_limit == 0:
             return "staging memory is off (staging_memory = 0)"
-        rooms = engine.pool.call("staged", "room", workers=list(plan.new.workers))
         for worker, room in zip(plan.new.workers, rooms):
             shard = shard_of(cfg, plan.new, worker)
             need = (self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard)

@@ -14,7 +14,8 @@ from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, live_buckets
-from rempd.migrate.layer_steps import Step, layer_steps
+from rempd.migrate.capacity import SwitchRefused, check_capacity, choose_pool
+from rempd.migrate.layer_steps import Step
 from rempd.migrate.plan import SwitchPlan, plan_switch
 from rempd.migrate.predict import LinkSpeeds, phases_of, price
 from rempd.migrate.report import SwitchReport
@@ -35,8 +36,6 @@ def inject_fault(engine, phase: str, kind: str) -> None:
         raise RuntimeError(f"injected fault in {phase}")
 
 
-class SwitchRefused(ValueError):
-    """The target cannot run; nothing changed."""
 
 
 def make_plan(engine, target: Topology | Placement, steps: list[Step] | None = None) -> SwitchPlan:
@@ -53,64 +52,6 @@ def make_plan(engine, target: Topology | Placement, steps: list[Step] | None = N
     plan = plan_switch(geo, engine.placement, target, len(engine.devices), live, config.block_size)
     plan.layer_steps = steps
     return plan
-
-
-def choose_order(mode: str, topology: Topology, devices: list[str], headrooms: list[tuple[int, int] | None]) -> bool:
-    """Whether the transform runs in layer order, from each involved device's headroom (plain, layer order):
-    "auto" keeps the plain order where it fits, since layer order waits for the device once per step. Refuses a
-    target that fits neither way the mode allows."""
-    def short(which: int) -> tuple[int, str] | None:
-        worst = min(((left[which], device) for left, device in zip(headrooms, devices) if left is not None),
-                     default=None)
-        return worst if worst is not None and worst[0] < 0 else None
-
-    plain, layered = short(0), short(1)
-    if mode == "never" or (mode == "auto" and plain is None):
-        if plain is not None:
-            raise SwitchRefused(f"{topology}: {plain[1]} would run out of memory during the switch, where its old "
-                                f"and new shards coexist: {-plain[0] / 1e9:.1f} GB short")
-        return False
-    if layered is not None:
-        raise SwitchRefused(f"{topology}: {layered[1]} would run out of memory during the switch even with the new "
-                            f"shard built layer by layer as the old one is freed: {-layered[0] / 1e9:.1f} GB short")
-    return True
-
-
-def check_capacity(engine, plan: SwitchPlan) -> tuple[int, int]:
-    """(fresh, kept): the blocks a fresh pool would have, and those every new worker's pool memory holds in the
-    target's shape if kept (0: the transform does not fit beside it). Chooses the transform's order
-    (plan.layer_steps); refuses a target whose transform cannot fit or that cannot hold one full-length sequence.
-    One call asks every involved worker all of it."""
-    config = engine.config
-    # quiesce finishes the steps in flight (a micro-batch per stage and one sent ahead), each of which may give
-    # every running sequence one more block: the live KV held beside the new pool is priced with that growth
-    growth = len(engine.scheduler.running) * (engine.placement.topology.pp + 1)
-    involved = sorted(set(plan.old.workers) | set(plan.new.workers))
-    geo = ModelGeometry(engine.model_config, engine.template.dtype)
-    if config.switch_in_place != "never":  # the workers price both orders
-        plan.layer_steps = layer_steps(plan, geo, config.switch_round_bytes)
-    budgets = dict(zip(involved, engine.pool.call("switch_budget", plan, config.block_size,
-                                                  config.switch_round_bytes, growth, workers=involved)))
-    if not choose_order(config.switch_in_place, plan.new.topology, [engine.devices[w] for w in involved],
-                        [budgets[w].headroom for w in involved]):
-        plan.layer_steps = None
-    fresh = min(budgets[w].capacity for w in plan.new.workers)
-    needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
-    if fresh < needed:
-        raise SwitchRefused(f"{plan.new.topology}: the model does not fit: room for {fresh} KV blocks, "
-                            f"{needed} needed for one {engine.max_model_len}-token sequence")
-    return fresh, min(budgets[w].kept_blocks[plan.in_place] for w in plan.new.workers)
-
-
-REUSE_SHARE = 0.9  # a switch keeps the pools' memory if that costs at most a tenth of the KV capacity
-
-
-def choose_pool(engine, fresh_blocks: int, kept_blocks: int) -> tuple[int, bool]:
-    """(blocks, kept): keep every new worker's pool memory, viewed in the new shape (nothing freed, allocated or
-    zeroed), when it holds nearly what a fresh pool would; else size a fresh pool."""
-    if kept_blocks >= max(engine.scheduler.blocks.blocks_for(engine.max_model_len), REUSE_SHARE * fresh_blocks):
-        return kept_blocks, True
-    return fresh_blocks, False
 
 
 def tp_member_sets(placement: Placement) -> set[tuple[int, ...]]:
