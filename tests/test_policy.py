@@ -209,3 +209,36 @@ def test_noise_around_a_steady_load_never_makes_it_flap(rate, noise, switch_s, s
             visited.append(current)
     assert all(b - a >= cfg.dwell_s for a, b in zip(switch_times, switch_times[1:]))
     assert len(switch_times) <= len(TOPOLOGIES) - 1
+
+
+def test_above_the_objectives_the_hysteresis_grows_with_the_current_score():
+    """A gain of 0.14 switches at score 0.9 (hysteresis 0.1) but not at score 1.8, where it is within 0.1 × 1.8."""
+    def flat(name: str, ttft: float) -> TopologyProfile:
+        return TopologyProfile(name, 100.0, [ProfilePoint(r, ttft, 0.01) for r in (1.0, 50.0)])
+
+    for here, there, action in [(0.90, 0.76, "switch"), (1.80, 1.66, "hold")]:
+        ps = ProfileSet("m", "cuda0-1-2-3", 128, 128, {"TP2PP2": flat("TP2PP2", here), "TP1PP4": flat("TP1PP4", there)})
+        d = Policy(config()).decide(100, "TP2PP2", obs(5.0), ps, ["TP1PP4", "TP2PP2"], {"TP1PP4": 0.0})
+        assert d.action == action, (here, d.reason)
+
+
+def test_a_topology_change_by_anyone_starts_a_new_latency_window():
+    import asyncio
+    from types import SimpleNamespace
+
+    from rempd.policy.runner import PolicyRunner, RunnerConfig
+
+    runner = PolicyRunner(RunnerConfig(), config(), profiles())
+    placement = SimpleNamespace(topology="TP1PP4")
+    runner.engine = SimpleNamespace(engine=SimpleNamespace(placement=placement), is_healthy=True,
+                                    stats=lambda: SimpleNamespace(num_waiting=0, num_running=1, kv_usage=0.1),
+                                    running_switch=lambda: "a switch: the tick stops after the window")
+    runner.log.first_token(1.0, 8.0)  # the old topology's queue
+    asyncio.run(runner.tick(2.0))
+    assert runner.observation.ttft_p90 == 8.0
+    placement.topology = "TP4PP1"  # switched by rempctl, say, not by the policy
+    asyncio.run(runner.tick(3.0))
+    assert runner.observation.ttft_p90 is None
+    runner.log.first_token(3.5, 0.05)
+    asyncio.run(runner.tick(4.0))
+    assert runner.observation.ttft_p90 == 0.05

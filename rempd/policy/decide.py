@@ -12,10 +12,10 @@ Rules, in order (each decision's reason names the one that settled it):
    ceiling).
 4. Switch to the best only if all hold:
    - dwell: at least dwell_s since the last switch;
-   - gain: cost(current) − cost(best) > hysteresis + switch_s / horizon_s, where switch_s is the plan's
-     predicted switch time (calibrated by past switches): a paused second costs one SLO unit, spread
-     over the horizon the new topology will serve (infinite when the best carries the load with headroom
-     and the current one does not);
+   - gain: cost(current) − cost(best) > hysteresis × max(1, cost(current)) + switch_s / horizon_s, where
+     switch_s is the plan's predicted switch time (calibrated by past switches): a paused second costs one
+     SLO unit, spread over the horizon the new topology will serve (the gain is infinite when the best
+     carries the load with headroom and the current one does not);
    - no return: a topology left less than memory_s ago is entered again only once the load has moved
      by return_band from where it was left (noise around one load cannot make the policy flap).
 """
@@ -149,7 +149,11 @@ class Policy:
             return decision("stay", f"{current} is the cheapest at load {load:.2f}/s "
                                     f"(score {_num(here.score)})", None)
         switch_s = switch_seconds.get(best.topology, 0.0)
-        threshold = c.hysteresis + switch_s / (c.horizon_s or c.dwell_s)
+        # scores are latency over its objective: above 1 their noise grows with them (4x H100, 7B: a switch on a
+        # 0.14 edge at score 1.8 went to a topology whose sweep had been optimistic, and queued), so there the
+        # hysteresis scales with the current score
+        scale = max(1.0, here.cost) if math.isfinite(here.cost) else 1.0
+        threshold = c.hysteresis * scale + switch_s / (c.horizon_s or c.dwell_s)
         gain = math.inf if carries(best) and not carries(here) else _gain(here, best)
         if not gain > threshold:
             return decision("hold", f"{best.topology} gains {_num(gain)} over {current}, not more than "

@@ -49,6 +49,7 @@ class PolicyRunner:
         self.last: Decision | None = None
         self.observation: Observation | None = None
         self.switch_ended_at = -math.inf
+        self.topology: str | None = None  # the topology the last tick saw
         self.last_learned = self.last_saved = time.monotonic()
         self.dirty = False
         self.plans: dict[tuple[str, str], tuple[float | None, float]] = {}  # (from, to) → (predicted s, when)
@@ -80,12 +81,18 @@ class PolicyRunner:
 
     async def tick(self, now: float) -> None:
         engine = self.engine
+        current = self.current()
+        if self.topology is not None and current != self.topology:
+            # switched by anyone (rempctl, the API, a benchmark), not only by this policy: the latencies seen
+            # before belong to the old topology (a window holding a previous topology's queue once had the policy
+            # leave a new one at once, its measured score 27 times the objective)
+            self.switch_ended_at = max(self.switch_ended_at, now)
+        self.topology = current
         stats = engine.stats()
         self.log.sample(now, stats.num_waiting, stats.num_running, stats.kv_usage)
         obs = self.observation = self.log.window(now, self.policy.config.window_s, self.switch_ended_at)
         if engine.running_switch() is not None or self.sweep.running or not engine.is_healthy:
             return
-        current = self.current()
         self.learn(now, current, obs)
         if not self.profiles.topologies:
             return  # nothing to compare with until `rempctl profile` has run
