@@ -16,6 +16,7 @@ from rempd.worker_pool.device_memory import spare_bytes
 class StagedReply:
     seconds: float
     loaded: bool = True
+    pool_blocks: int = 0  # to "begin": blocks of the target's shape this worker's pool memory holds
 
 
 def stage_step(worker, op: str, *args) -> object:
@@ -30,7 +31,7 @@ def stage_step(worker, op: str, *args) -> object:
         return StagedReply(time.perf_counter() - start)
     if op == "begin":
         worker.staging = ShardStaging(worker, *args)
-        return worker.staging.pool_blocks()
+        return StagedReply(time.perf_counter() - start, pool_blocks=worker.staging.pool_blocks())
     staging: ShardStaging | None = worker.staging
     if staging is None:
         if op == "abort":
