@@ -190,8 +190,10 @@ def main() -> None:
     run.add_argument("--peak-rate", default="profile", help="requests/s at the peak, or 'profile' (from ceilings)")
     run.add_argument("--duration", type=float, default=120.0, help="seconds of the whole schedule, per mode")
     run.add_argument("--length-sigma", type=float, default=0.5, help="log-normal sigma of the lengths (0: fixed)")
-    run.add_argument("--slo-ttft", default="1.0", help="seconds, or 'profile': 2× the best TTFT p90 at the heaviest swept load")
-    run.add_argument("--slo-itl", default="0.1", help="seconds, or 'profile': 2× the best ITL p90 at the heaviest swept load")
+    run.add_argument("--slo-ttft", default="1.0",
+                     help="seconds, or 'profile': 2× the best TTFT p90 at the heaviest swept load")
+    run.add_argument("--slo-itl", default="0.1",
+                     help="seconds, or 'profile': 2× the best ITL p90 at the heaviest swept load")
     run.add_argument("--profile", action="store_true", help="run `rempctl profile` on the fixed topologies first")
     run.add_argument("--keep-records", action="store_true", help="every request in the JSON")
     run.add_argument("--plot", default=None, help="PNG of the per-phase figures (needs matplotlib)")

@@ -1,6 +1,6 @@
 """A staged switch driven as the engine thread drives it, on 2 CPU workers: staging work is posted between steps
-without draining the steps in flight (but for the groups' gap), its chunk transfers stay in flight across serving steps, and the tokens
-equal those of no switch."""
+without draining the steps in flight (but for the groups' gap), its chunk transfers stay in flight across serving
+steps, and the tokens equal those of no switch."""
 from rempd.engine.config import EngineConfig
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.sampling_params import SamplingParams
