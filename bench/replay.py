@@ -122,17 +122,35 @@ async def replay(url: str, model: str, phases: list[Phase], prompt: Lengths, out
     return records
 
 
+def delivered_tokens(records: list[Record], start: float, stop: float) -> float:
+    """Output tokens streamed between `start` and `stop` (seconds from the schedule's start), each request's spread
+    evenly from its first token to its last: what a topology served in that window, whoever asked when."""
+    total = 0.0
+    for r in records:
+        if r.error is not None or r.ttft is None or r.e2e is None:
+            continue
+        first, last = r.sent + r.ttft, r.sent + r.e2e
+        if last <= first:
+            total += r.output_tokens if start <= first < stop else 0
+        else:
+            total += r.output_tokens * max(0.0, min(last, stop) - max(first, start)) / (last - first)
+    return total
+
+
 def summarize(records: list[Record], phases: list[Phase], slo_ttft: float, slo_itl: float) -> dict:
-    def stats(rs: list[Record], seconds: float) -> dict:
+    """Per phase: latencies and SLO attainment of the requests sent in it, and the output tokens/s streamed in it
+    (to all requests: those of a backlog too), against the tokens/s its requests asked for."""
+    def stats(rs: list[Record], start: float, seconds: float) -> dict:
         ok = [r for r in rs if r.error is None]
         ttft, itl = [r.ttft for r in ok], [r.itl for r in ok]
         met = sum(1 for r in ok if r.ttft <= slo_ttft and r.itl <= slo_itl)
         return {"requests": len(rs), "failed": len(rs) - len(ok),
                 "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
                 "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99),
-                "output_tokens_per_s": sum(r.output_tokens for r in ok) / seconds,
+                "output_tokens_per_s": delivered_tokens(records, start, start + seconds) / seconds,
+                "offered_tokens_per_s": sum(r.output_tokens for r in ok) / seconds,
                 "slo_attainment": met / len(rs) if rs else None}
     total = phases[-1].start + phases[-1].seconds
-    return {"phases": {p.name: stats([r for r in records if r.phase == i], p.seconds) | {"rate": [p.rate_from, p.rate_to]}
-                       for i, p in enumerate(phases)},
-            "all": stats(records, total), "errors": sorted({r.error for r in records if r.error})[:5]}
+    return {"phases": {p.name: stats([r for r in records if r.phase == i], p.start, p.seconds)
+                       | {"rate": [p.rate_from, p.rate_to]} for i, p in enumerate(phases)},
+            "all": stats(records, 0.0, total), "errors": sorted({r.error for r in records if r.error})[:5]}
