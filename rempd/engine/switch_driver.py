@@ -11,10 +11,10 @@ from typing import Callable
 from rempd.engine.graph_warmup import live_buckets
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import RequestOutput
+from rempd.migrate.capacity import BudgetQuery, ask_budget, choose_pool, conclude_capacity
 from rempd.migrate.predict import plan_summary
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging import StagedSwitch, StagingOptions
-from rempd.migrate.capacity import BudgetQuery, ask_budget, choose_pool, conclude_capacity
 from rempd.migrate.transaction import Fault, make_plan, new_groups
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError

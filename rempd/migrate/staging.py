@@ -10,13 +10,13 @@ from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, expected_batch_sizes
+from rempd.migrate.capacity import BudgetQuery, SwitchRefused, ask_budget, conclude_capacity
 from rempd.migrate.delta import CutLayout, PrecopyLedger
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging_budget import StagingBudget, StagingOptions
 from rempd.migrate.staging_tasks import StagingTasks
-from rempd.migrate.capacity import BudgetQuery, SwitchRefused, ask_budget, conclude_capacity
 from rempd.migrate.transaction import Fault, SwitchTransaction, inject_fault, make_plan, tp_member_sets
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
