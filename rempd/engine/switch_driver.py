@@ -56,7 +56,7 @@ class SwitchDriver:
         engine = self.engine
         try:
             query = ask_budget(engine, make_plan(engine, target))
-            if engine.has_unfinished() or engine.in_flight:
+            if engine.has_unfinished():
                 self.plans.append(PendingPlan(query, engine.pool.post("switch_budget", *query.args,
                                                                       workers=query.involved), done))
             else:
