@@ -49,6 +49,17 @@ def test_profile_interpolates_and_is_infinite_above_its_ceiling():
     assert p.predict(10.5) == (math.inf, math.inf)
 
 
+def test_profile_latency_never_falls_as_the_load_rises():
+    """A swept point lower than what serving showed at a lighter rate counts as that: the policy must not see a
+    topology get faster as it gets busier."""
+    p = TopologyProfile("TP1PP4", 30.0, [ProfilePoint(2.7, 0.014, 0.006),
+                                         ProfilePoint(9.0, 0.05, 0.026, 3, "observed"),
+                                         ProfilePoint(15.6, 0.128, 0.007)])
+    assert p.predict(9.0) == pytest.approx((0.05, 0.026))
+    assert p.predict(14.0) == pytest.approx((0.05 + (0.128 - 0.05) * 5 / 6.6, 0.026))
+    assert p.predict(20.0) == pytest.approx((0.128, 0.026))
+
+
 def test_profile_learns_latency_below_the_ceiling_and_a_lower_ceiling_from_saturation():
     p = TopologyProfile("TP1PP1", 10.0, [ProfilePoint(2.0, 0.1, 0.01)])
     assert p.observe(2.1, 0.3, 0.03, weight=0.5)  # within 15 %: refines the point
