@@ -21,10 +21,11 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+# one file for the cards, the commit and the steps' times: the device tool brings back at most 8 files
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/session.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/session.txt"
 for step in "$@"; do
-    echo "== $step at ${SECONDS} s" | tee -a "$OUT/steps.txt"
+    echo "== $step at ${SECONDS} s" | tee -a "$OUT/session.txt"
     case "$step" in
     tests)
         timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider \
@@ -75,7 +76,7 @@ for step in "$@"; do
         SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE
         [ -f "$CK/config.json" ] || python3 -m rempd make-checkpoint --shape "$SHAPE" --out "$CK"
         python3 -m rempd serve --model "$CK" --devices 0,1,2,3 --tp 4 --pp 1 --port 18100 --socket /tmp/wl.sock \
-            --state-dir "$OUT/state" --policy-window 8 --policy-dwell 12 --policy-interval 0.5 \
+            --state-dir /tmp/wl-state --policy-window 8 --policy-dwell 12 --policy-interval 0.5 \
             --policy-topologies TP4PP1,TP2PP2,TP1PP4 > "$OUT/workload_rempd.log" 2>&1 &
         RPID=$!
         timeout "${LIMIT:-450}" python3 bench/workload.py run --url http://127.0.0.1:18100 --socket /tmp/wl.sock \
@@ -85,4 +86,4 @@ for step in "$@"; do
         kill -TERM $RPID; wait $RPID ;;
     esac
 done
-echo "== end at ${SECONDS} s" | tee -a "$OUT/steps.txt"
+echo "== end at ${SECONDS} s" | tee -a "$OUT/session.txt"
