@@ -57,11 +57,9 @@ class SwitchDriver:
         try:
             query = ask_budget(engine, make_plan(engine, target))
             if engine.has_unfinished():
-                self.plans.append(PendingPlan(query, engine.pool.post("switch_budget", *query.args,
-                                                                      workers=query.involved), done))
+                self.plans.append(PendingPlan(query, query.post(engine.pool), done))
             else:
-                done.set_result(self._summary(query, engine.pool.call("switch_budget", *query.args,
-                                                                      workers=query.involved)))
+                done.set_result(self._summary(query, query.call(engine.pool)))
         except WorkerError as exc:
             done.set_exception(exc)
             self.recover()

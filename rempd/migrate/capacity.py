@@ -10,6 +10,7 @@ from rempd.migrate.layer_steps import layer_steps
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.shards import ModelGeometry
 from rempd.topology import Topology
+from rempd.worker_pool.ticket import Ticket
 
 REUSE_SHARE = 0.9  # a switch keeps the pools' memory if that costs at most a tenth of the KV capacity
 
@@ -20,10 +21,17 @@ class SwitchRefused(ValueError):
 
 @dataclass
 class BudgetQuery:
-    """The workers' part of a capacity check: `switch_budget(*args)` on `involved`."""
+    """The workers' part of a capacity check: `switch_budget(*args)` on `involved`, asked and waited for
+    (call), or asked between steps and read later (post)."""
     plan: SwitchPlan
     involved: list[int]
     args: tuple
+
+    def call(self, pool) -> list:
+        return pool.call("switch_budget", *self.args, workers=self.involved)
+
+    def post(self, pool) -> Ticket:
+        return pool.post("switch_budget", *self.args, workers=self.involved)
 
 
 def ask_budget(engine, plan: SwitchPlan) -> BudgetQuery:
@@ -60,7 +68,7 @@ def conclude_capacity(engine, query: BudgetQuery, replies: list) -> tuple[int, i
 def check_capacity(engine, plan: SwitchPlan) -> tuple[int, int]:
     """ask_budget and conclude_capacity in one call, for a caller that holds the steps anyway."""
     query = ask_budget(engine, plan)
-    return conclude_capacity(engine, query, engine.pool.call("switch_budget", *query.args, workers=query.involved))
+    return conclude_capacity(engine, query, query.call(engine.pool))
 
 
 def choose_order(mode: str, topology: Topology, devices: list[str], headrooms: list[tuple[int, int] | None]) -> bool:

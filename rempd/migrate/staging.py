@@ -78,8 +78,8 @@ class StagedSwitch:
             self.plan = make_plan(engine, self.target)
             report.placement, report.bytes_by_source = list(self.plan.new.workers), self.plan.bytes_by_source
             self.query = ask_budget(engine, self.plan)
-            self.ticket = engine.pool.post("switch_budget", *self.query.args, workers=self.query.involved)
-            self.ticket_kind = "budget"
+            self.ticket, self.ticket_kind = self.query.post(engine.pool), "budget"
+            # asked right behind the budget, so it is in (or nearly) once the budget is
             self.room_ticket = engine.pool.post("staged", "room", workers=list(self.plan.new.workers))
             self._leave("plan", start)
         except SwitchRefused as exc:
@@ -134,8 +134,7 @@ class StagedSwitch:
         the cut once staging is done. A failing step of the old topology raises here (WorkerError)."""
         try:
             if self.ticket is not None:
-                if not self.engine.pool.poll(self.ticket) or not (self.room_ticket is None
-                                                                  or self.engine.pool.poll(self.room_ticket)):
+                if not self.engine.pool.poll(self.ticket):
                     return []
                 if self.ticket_kind in ("budget", "begin"):
                     return self._planned()
