@@ -208,3 +208,42 @@ def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llam
                     assert result["extra_bytes"] < geo.weight_bytes(shards[1]), (tp, pp, worker, result)
         got.finish(engine)
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == tokens
+
+
+def compiled_variants() -> dict[str, int]:
+    """How many variants of each attention kernel Triton has compiled on this device."""
+    from rempd.model import triton_kernels
+
+    device = torch.cuda.current_device()
+    return {name: len(getattr(triton_kernels, name).device_caches[device][0])
+            for name in ("paged_attention", "paged_decode_split", "paged_decode_combine")}
+
+
+def test_no_prefill_compiles_a_kernel_after_the_warmup():
+    """Prefill tables 1, 2, 16, 19 and 32 blocks wide launch only what the start-up warm-up compiled (a 256-token
+    prompt's first prefill once compiled a kernel while serving: Triton specialized the table width 16)."""
+    from rempd.engine.kv_cache import KVShape
+    from rempd.model.config import ModelConfig
+    from rempd.model.rotary import Rotary
+    from rempd.worker_pool.kernel_warmup import RankWeights, WarmupShape, prefill_step, rank_widths, run_layer, \
+        run_warmup
+    from rempd.worker_pool.step_tensors import to_device
+
+    need_gpus(1)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=256, intermediate_size=512,
+                      num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048,
+                      rope_theta=10000.0)
+    device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    shape = WarmupShape(block_size=16, max_len=2048, max_batch=8)
+    run_warmup(cfg, dtype, device, [1], shape)
+    before = compiled_variants()
+    widths = rank_widths(cfg, 1)
+    kv_shape, num_blocks = KVShape(1, shape.block_size, widths.kv_heads, cfg.head_dim, dtype), 128
+    kv = kv_shape.view(kv_shape.allocate(num_blocks, device), num_blocks)[0]
+    weights, rotary = RankWeights.empty(cfg, widths, dtype, device), Rotary(cfg, shape.max_len, device)
+    with torch.inference_mode():
+        for lens in ([5], [256], [512], [256, 300], [16, 17]):
+            _ids, positions, samples, meta = to_device(prefill_step(lens, shape.block_size), device)
+            run_layer(cfg, widths, weights, rotary, kv, positions, samples, meta, dtype)
+    torch.cuda.synchronize()
+    assert compiled_variants() == before

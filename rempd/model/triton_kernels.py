@@ -1,4 +1,9 @@
-"""Triton kernels behind rempd.model.paged_attention. Imported only where Triton is installed."""
+"""Triton kernels behind rempd.model.paged_attention. Imported only where Triton is installed.
+
+Triton compiles a kernel again for an integer argument equal to 1 or divisible by 16. The block table's width and
+the split count change from step to step (a 256-token prompt's table is 16 blocks wide), so they are not
+specialized: otherwise the first prompt of such a length compiled a kernel while serving (4x H100, 7B: TTFT of
+1-1.5 s for the requests behind it), which the start-up warm-up cannot foresee."""
 import os
 
 import triton
@@ -50,7 +55,7 @@ def _attend_keys(q, k_cache, v_cache, block_tables, seq, kv_head, start, end, po
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def paged_attention(q_ptr, k_cache, v_cache, out_ptr, block_tables, query_start, context_lens, scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -97,7 +102,7 @@ def paged_attention(q_ptr, k_cache, v_cache, out_ptr, block_tables, query_start,
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def paged_decode_split(q_ptr, k_cache, v_cache, part_acc, part_ml, block_tables, query_start, context_lens, scale,
                        stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
                        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -135,7 +140,7 @@ def paged_decode_split(q_ptr, k_cache, v_cache, part_acc, part_ml, block_tables,
         tl.store(part_ml + at * 2 + 1, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def paged_decode_combine(part_acc, part_ml, out_ptr, query_start, context_lens, splits, stride_ot, stride_oh,
                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_S: tl.constexpr, PART: tl.constexpr):

@@ -135,7 +135,7 @@ def step_inputs(shape: WarmupShape, max_blocks: int, kv_heads: int,
                                      [[0]] * unsplit, list(range(unsplit)), [None] * unsplit), device))
     # an eager step packs positions, sample rows, context lengths, query starts and block tables one after
     # another in one int64 array: token parity x (sequence count, sample count) parity covers each pointer's
-    # 16-byte alignment; chunks of two blocks keep the table width off the 1 and 16 that Triton specializes
+    # 16-byte alignment (the table width, which varies, is not specialized: see triton_kernels.py)
     short, long = shape.block_size + 1, shape.block_size + 2  # one odd, one even
     for query_lens in ([long], [short], [long, long], [short, long]):
         if long <= shape.max_len:  # else no prompt that long exists
