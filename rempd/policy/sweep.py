@@ -1,6 +1,6 @@
 """`rempctl profile`: a short sweep the daemon runs itself, one topology after another. No torch.
 
-For each topology: switch to it (the ordinary switch path), one warm-up request, then closed loops at a
+For each topology: switch to it (the ordinary switch path), one warm-up wave per level, then closed loops at a
 few concurrencies with synthetic prompts of the reference shape. A closed loop at concurrency c serves
 some rate X(c) with some latency: each level is one profile point (X, TTFT p90, ITL p90), and the ceiling
 is the highest X. The daemon returns to the topology it started from. Clients may keep using the daemon
@@ -131,8 +131,11 @@ class ProfileSweep:
                     last = now
             return ttft, gaps
 
+        # unmeasured, one wave per level: a switch captures only the live batch's decode graphs and a step
+        # captures its own batch size's on first use, which would land in the measured levels
         self.progress = f"{name}: warm-up"
-        await one()
+        for concurrency in request.concurrency:
+            await asyncio.gather(*(one() for _ in range(concurrency)))
         points = []
         for concurrency in request.concurrency:
             self.progress = f"{name}: concurrency {concurrency}"
