@@ -56,6 +56,10 @@ def test_staging_transfers_overlap_serving_steps_and_tokens_stay_identical(check
     # weights and KV moved in chunks, each left in flight while the workers ran serving steps
     assert detail["staging_weights"] > 0 and detail["staging_precopy"] > 0, detail
     assert detail["staging_overlapped_steps"] > 0, detail
+    # what locates a stall while staging: the background loads' time, the longest wait for a step's reply and
+    # the longest gap between two replies, each within the switch
+    for key in ("staging_loads", "staging_longest_step_wait", "staging_longest_reply_gap"):
+        assert 0 < detail[key] < report.total_seconds, (key, detail)
     # only the groups' gap drained the pipeline's micro-batches in flight (their collectives share the world
     # group's links with the steps); after every other gap the engine went back to stepping with them
     drained = [(before, after) for before, after in in_flight if after != before]

@@ -31,6 +31,10 @@ class StepLog:
         pairs = [(self.stamps.index(a), self.stamps.index(b)) for a, b in spans]
         return 1e3 * statistics.median(sum(row[b] - row[a] for a, b in pairs) for row in self.rows)
 
+    def since(self, start: float) -> list[dict[str, float]]:
+        """The rows whose first stamp is at or after `start`."""
+        return [row for row in self.to_dicts() if row[self.stamps[0]] >= start]
+
     def to_dicts(self) -> list[dict[str, float]]:
         names = self.stamps + self.extras
         return [dict(zip(names, row)) for row in self.rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,6 +56,7 @@ class ShardStaging:
         self.in_flight: ChunkTransfer | None = None
         self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
+        self.load_seconds = 0.0  # the background loads' wall time, host-store and own rows, device work included
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
 
@@ -64,7 +66,7 @@ class ShardStaging:
 
     def _load_local(self) -> None:
         """Rows from the host store and rows this worker holds already: no peer takes part."""
-        worker = self.worker
+        worker, began = self.worker, time.perf_counter()
         side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
         try:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -81,6 +83,7 @@ class ShardStaging:
                 side.synchronize()
         except BaseException as exc:  # noqa: BLE001 - raised on the RPC thread by build()
             self.error = exc
+        self.load_seconds = time.perf_counter() - began
 
     def _kv_shape_of(self, num_blocks: int):
         cfg = self.worker.setup.model

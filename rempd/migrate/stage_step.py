@@ -17,6 +17,7 @@ class StagedReply:
     seconds: float
     loaded: bool = True
     pool_blocks: int = 0  # to "begin": blocks of the target's shape this worker's pool memory holds
+    load_seconds: float = 0.0  # to "build": how long the background loads ran (ShardStaging.load_seconds)
 
 
 def stage_step(worker, op: str, *args) -> object:
@@ -44,7 +45,7 @@ def stage_step(worker, op: str, *args) -> object:
             staging.build()
         elif op == "graphs":
             staging.graphs(*args)
-        return StagedReply(time.perf_counter() - start, staging.loaded())
+        return StagedReply(time.perf_counter() - start, staging.loaded(), load_seconds=staging.load_seconds)
     if op in ("cut", "abort"):
         worker.staging = None
         return staging.cut(*args) if op == "cut" else staging.abort()

@@ -166,6 +166,8 @@ class StagedSwitch:
         if kind != "groups":
             self.loaded = all(r.loaded for r in replies)
         self.report.add_staging(kind, [r.seconds for r in replies])
+        if kind == "build":
+            self.report.transform_detail["staging_loads"] = max(r.load_seconds for r in replies)
 
     def _post_gap(self) -> list:
         """Post one gap's work; the outputs of steps it finished first (only the groups' gap drains)."""
@@ -287,3 +289,9 @@ class StagedSwitch:
         self.report.phase = None
         self.report.total_seconds = time.perf_counter() - self.begun
         self.finished = True
+        steps = self.engine.step_log.since(self.begun)
+        if self.report.mode == "staged" and len(steps) > 1:
+            # where a stall between two serving steps sat: waiting for the workers, or on this thread
+            replies = [s["replied"] for s in steps]
+            self.report.transform_detail["staging_longest_reply_gap"] = max(b - a for a, b in zip(replies, replies[1:]))
+            self.report.transform_detail["staging_longest_step_wait"] = max(s["replied"] - s["sent"] for s in steps)
