@@ -92,11 +92,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--png")
-    ap.add_argument("--restarts", nargs="*", default=[], help="results of --restart-only runs to show beside")
+    ap.add_argument("--restarts", nargs="*", default=[],
+                    help="results of --restart-only runs, for the targets the matrix's own run did not restart into")
     args = ap.parse_args()
     results = json.loads(Path(args.results).read_text())
+    restarts = results.setdefault("restarts", {})
     for path in args.restarts:
-        results.setdefault("restarts", {}).update(json.loads(Path(path).read_text())["restarts"])
+        for target, seconds in json.loads(Path(path).read_text())["restarts"].items():
+            restarts.setdefault(target, seconds)
     print(table(results))
     if args.png:
         heatmap(results, Path(args.png))
