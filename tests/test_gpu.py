@@ -220,8 +220,8 @@ def compiled_variants() -> dict[str, int]:
 
 
 def test_no_prefill_compiles_a_kernel_after_the_warmup():
-    """Prefill tables 1, 2, 16, 19 and 32 blocks wide launch only what the start-up warm-up compiled (a 256-token
-    prompt's first prefill once compiled a kernel while serving: Triton specialized the table width 16)."""
+    """Prefills with block tables 1, 2, 16, 19 and 32 blocks wide launch only what the start-up warm-up compiled
+    (Triton once specialized a table width of 16, and each metadata alignment met with it compiled while serving)."""
     from rempd.engine.kv_cache import KVShape
     from rempd.model.config import ModelConfig
     from rempd.model.rotary import Rotary
@@ -242,7 +242,9 @@ def test_no_prefill_compiles_a_kernel_after_the_warmup():
     kv = kv_shape.view(kv_shape.allocate(num_blocks, device), num_blocks)[0]
     weights, rotary = RankWeights.empty(cfg, widths, dtype, device), Rotary(cfg, shape.max_len, device)
     with torch.inference_mode():
-        for lens in ([5], [256], [512], [256, 300], [16, 17]):
+        # widths 1, 16 and 32 in several alignments of the packed metadata (odd and even token counts, one and two
+        # sequences), and widths the warm-up ran
+        for lens in ([5], [256], [249], [512], [256, 249], [256, 300], [16, 17]):
             _ids, positions, samples, meta = to_device(prefill_step(lens, shape.block_size), device)
             run_layer(cfg, widths, weights, rotary, kv, positions, samples, meta, dtype)
     torch.cuda.synchronize()
