@@ -13,9 +13,13 @@ Start-up costs a results file lacks start from what it has: plan and quiesce at 
 pool's fixed cost at the recorded one, a fresh pool's at what the start-up calibration spent on it by the recorded
 alloc_gbps (2 × pool bytes / alloc_gbps, with the pool of the first fresh switch).
 
+Files from session 6's model on keep what each switch priced (`priced`) and every learned cost in their links, so
+their replay reproduces the recorded predictions exactly (checked on the session-7 files: 18/20, 12/20, 4/6).
+
 Results so far (7B s5, 7B s6, 70B s5 on 4× H100): the single learned fixed cost predicted 10/20, 7/20, 4/6 within
 ±25 %; fixed and fresh-pool costs learned per regime, with plan, quiesce and graph capture learned from their own
-phases, 15/20, 13/20, 5/6. switch_matrix_qwen2.5-32b_h100x4.json predates kept pools and graph capture and does not
+phases, 15/20, 13/20, 5/6. Tried in session 7 and dropped: a capture cost per TP size (8/20 and 8/20 on 7B s5 and
+s6), and a regime's first live switch replacing its calibrated cost (11/20 on 7B s5). switch_matrix_qwen2.5-32b_h100x4.json predates kept pools and graph capture and does not
 run its cells back to back (the replayed old model differs from its recorded predictions): not a fair replay.
 """
 from __future__ import annotations
@@ -68,13 +72,19 @@ def recorded_switches(results: dict) -> list[Switch]:
         said, rpc = run["predicted"], links["rpc_seconds"]
         new = Placement(Topology.parse(run["target"]), tuple(run["placement"]))
         plan = plan_switch(geo, placement_of(run["source"]), new, devices, run["kv_blocks_migrated"], BLOCK_SIZE)
-        moved = bytes_seconds(plan, links)
-        pool_seconds = said["transform"] - rpc - links["fixed_seconds"] - moved
-        alloc = links.get("alloc_gbps") or 0.0
-        pool = 0 if run.get("kv_pool_kept") or not alloc else max(0, round(pool_seconds * alloc * 1e9 / 2))
-        per_layer, layers = links.get("graph_seconds_per_layer") or 0.0, plan.new_stage_layers
-        buckets = round((said["commit"] - rpc) / (per_layer * layers)) if per_layer else 0
-        groups = round((said["groups"] - rpc) / links["group_seconds"]) if links.get("group_seconds") else 0
+        if "priced" in run:  # what the daemon priced is in the report (from session 6's model on)
+            priced = run["priced"]
+            pool = int(priced["fresh_pool"])  # a flag: this model prices a fresh pool per switch, not per byte
+            buckets = priced["graph_layers"] // max(1, plan.new_stage_layers)
+            groups = priced["new_groups"]
+        else:
+            moved = bytes_seconds(plan, links)
+            pool_seconds = said["transform"] - rpc - links["fixed_seconds"] - moved
+            alloc = links.get("alloc_gbps") or 0.0
+            pool = 0 if run.get("kv_pool_kept") or not alloc else max(0, round(pool_seconds * alloc * 1e9 / 2))
+            per_layer, layers = links.get("graph_seconds_per_layer") or 0.0, plan.new_stage_layers
+            buckets = round((said["commit"] - rpc) / (per_layer * layers)) if per_layer else 0
+            groups = round((said["groups"] - rpc) / links["group_seconds"]) if links.get("group_seconds") else 0
         capture = run.get("transform_detail", {}).get("graph_capture")
         switches.append(Switch(f"{cell['source']} → {cell['target']}", plan, groups, pool, buckets, run["phases"],
                                capture, run["total_seconds"], said["total"]))
@@ -91,7 +101,7 @@ def start_links(results: dict, switches: list[Switch]) -> model.LinkSpeeds:
     fields = {f.name for f in dataclasses.fields(model.LinkSpeeds)}
     links = model.LinkSpeeds(**{k: v for k, v in first.items() if k in fields})
     fresh = next((s for s in switches if s.pool_bytes), None)
-    if "fresh_pool_seconds" in fields and fresh is not None and first.get("alloc_gbps"):
+    if "fresh_pool_seconds" not in first and fresh is not None and first.get("alloc_gbps"):
         links.fresh_pool_seconds = 2 * fresh.pool_bytes / (first["alloc_gbps"] * 1e9)
     return links
 
