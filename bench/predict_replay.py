@@ -19,8 +19,9 @@ their replay reproduces the recorded predictions exactly (checked on the session
 Results so far (7B s5, 7B s6, 70B s5 on 4× H100): the single learned fixed cost predicted 10/20, 7/20, 4/6 within
 ±25 %; fixed and fresh-pool costs learned per regime, with plan, quiesce and graph capture learned from their own
 phases, 15/20, 13/20, 5/6. Tried in session 7 and dropped: a capture cost per TP size (8/20 and 8/20 on 7B s5 and
-s6), and a regime's first live switch replacing its calibrated cost (11/20 on 7B s5). switch_matrix_qwen2.5-32b_h100x4.json predates kept pools and graph capture and does not
-run its cells back to back (the replayed old model differs from its recorded predictions): not a fair replay.
+s6), and a regime's first live switch replacing its calibrated cost (11/20 on 7B s5).
+switch_matrix_qwen2.5-32b_h100x4.json predates kept pools and graph capture and does not run its cells back to back
+(the replayed old model differs from its recorded predictions): not a fair replay.
 """
 from __future__ import annotations
 

@@ -132,3 +132,7 @@ def test_replaying_recorded_switch_matrices_beats_what_the_daemon_predicted_then
         replayed = sum(abs(said / measured - 1) <= 0.25 for _, measured, said, _ in rows)
         recorded = sum(abs(said / measured - 1) <= 0.25 for _, measured, _, said in rows)
         assert replayed > recorded, (name, replayed, recorded)
+    # a run of the model on the path (session 7, 32B) replays to exactly what the daemon predicted
+    recorded_run = root / "bench" / "results" / "switch_matrix_qwen2.5-32b_h100x4_s7.json"
+    rows = replay.replay(json.loads(recorded_run.read_text()))
+    assert len(rows) == 20 and all(abs(said - recorded) < 1e-9 for _, _, said, recorded in rows), rows
