@@ -180,6 +180,36 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
         assert report.transform_detail["graph_precapture"] > report.transform_detail["graph_capture"], detail
 
 
+def test_idle_engine_captures_the_graphs_a_switch_left_out(llama1b, fp32_reference):
+    """After a live switch the idle AsyncEngine captures every bucket the commit left out (engine/graph_backfill.py):
+    a later batch of a new size captures nothing lazily, and the tokens stay the reference's."""
+    import asyncio
+
+    from backfill_run import serve, wait_backfilled
+    from rempd.engine.async_engine import AsyncEngine
+    from rempd.engine.config import EngineConfig
+
+    need_gpus(2)
+    tokens, _ = fp32_reference
+
+    async def main():
+        engine = await AsyncEngine.create(EngineConfig(str(llama1b), tp=2, pp=1, devices=[0, 1], **FP32))
+        try:
+            live, report = await serve(engine, PROMPTS[:2], GREEDY_LONG, "live", Topology(1, 2), "stop_the_world")
+            await wait_backfilled(engine)
+            backfilled = engine.engine.pool.call("info", workers=engine.engine.active)
+            later, _ = await serve(engine, PROMPTS, GREEDY_LONG, "later")  # micro-batches of 3: the bucket of 4
+            return live + later, report, backfilled, engine.engine.pool.call("info", workers=engine.engine.active)
+        finally:
+            await engine.shutdown()
+
+    got, report, backfilled, infos = asyncio.run(main())
+    assert report.state == "committed" and report.requests_live > 0, report
+    assert got == tokens[:2] + tokens
+    assert all(set(i["graph_capture_by_batch"]) == {1, 2, 4, 8, 16} for i in backfilled), backfilled
+    assert [i["graph_lazy_captures"] for i in infos] == [i["graph_lazy_captures"] for i in backfilled], infos
+    assert all(i["graph_steps"] > 0 for i in infos), infos
+
 def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llama1b, fp32_reference):
     """Switches forced to layer order, between 4 and 2 GPUs and changing TP and PP: at each involved worker's
     peak, what it holds beyond its old shard (measured by the allocator) is less than its whole new shard, which
