@@ -11,7 +11,8 @@ from rempd.topology import Topology
 
 
 async def serve(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, tag: str,
-                target: Topology | None = None, mode: str | None = None) -> tuple[list[list[int]], SwitchReport | None]:
+                target: Topology | None = None, mode: str | None = None,
+                fault: tuple[str, str] | None = None) -> tuple[list[list[int]], SwitchReport | None]:
     tokens: list[list[int]] = [[] for _ in prompts]
     all_started = asyncio.Event()
 
@@ -25,7 +26,7 @@ async def serve(engine: AsyncEngine, prompts: list[list[int]], params: SamplingP
     report = None
     if target is not None:
         await all_started.wait()
-        report, done = engine.start_switch(target, mode=mode)
+        report, done = engine.start_switch(target, fault, mode)
         await done
     await asyncio.gather(*tasks)
     return tokens, report

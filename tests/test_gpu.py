@@ -199,13 +199,20 @@ def test_idle_engine_captures_the_graphs_a_switch_left_out(llama1b, fp32_referen
             await wait_backfilled(engine)
             backfilled = engine.engine.pool.call("info", workers=engine.engine.active)
             later, _ = await serve(engine, PROMPTS, GREEDY_LONG, "later")  # micro-batches of 3: the bucket of 4
-            return live + later, report, backfilled, engine.engine.pool.call("info", workers=engine.engine.active)
+            infos = engine.engine.pool.call("info", workers=engine.engine.active)
+            # a staged switch given up before its cut: the old stages keep their graphs
+            kept, given_up = await serve(engine, PROMPTS[:2], LIVE_THROUGH, "kept", Topology(2, 1), "staged",
+                                         ("stage", "raise"))
+            after = engine.engine.pool.call("info", workers=engine.engine.active)
+            return live + later + [t[:GREEDY_LONG.max_tokens] for t in kept], report, backfilled, infos, given_up, after
         finally:
             await engine.shutdown()
 
-    got, report, backfilled, infos = asyncio.run(main())
+    got, report, backfilled, infos, given_up, after = asyncio.run(main())
     assert report.state == "committed" and report.requests_live > 0, report
-    assert got == tokens[:2] + tokens
+    assert (given_up.state, given_up.mode) == ("rolled_back", "staged"), (given_up.error, given_up.mode_reason)
+    assert got == tokens[:2] + tokens + tokens[:2]
+    assert all(set(i["graph_capture_by_batch"]) == {1, 2, 4, 8, 16} for i in after), after
     assert all(set(i["graph_capture_by_batch"]) == {1, 2, 4, 8, 16} for i in backfilled), backfilled
     assert [i["graph_lazy_captures"] for i in infos] == [i["graph_lazy_captures"] for i in backfilled], infos
     assert all(i["graph_steps"] > 0 for i in infos), infos
