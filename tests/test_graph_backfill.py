@@ -1,7 +1,8 @@
 """Decode-graph buckets a switch's commit left out are captured while the engine is idle, smallest first, one per
 idle turn (engine/graph_backfill.py). The pending set's rules with no processes; then a real AsyncEngine on CPU
 workers through a stop-the-world and a staged switch with requests running: once idle, it went through exactly
-the buckets the commit left out, and the tokens equal those of no switch. CPU workers capture no graphs, so that
+the buckets the commit left out, and the tokens equal those of no switch (a staged switch given up before its cut
+leaves nothing pending). CPU workers capture no graphs, so that
 check is of the engine's bookkeeping; test_gpu.py checks the captures themselves."""
 import asyncio
 from types import SimpleNamespace
@@ -92,11 +93,15 @@ def test_idle_engine_backfills_what_a_live_switch_left_out(checkpoints):
                 status = engine.status()
                 runs.append((tokens, report, list(engine.engine.graph_backfill.left_out),
                              status["graphs_backfilled"] - before, status["graphs_pending"]))
-            return reference, runs
+            # given up before its cut: the old stages serve on with their graphs, nothing becomes pending
+            given_up = await serve(engine, PROMPTS, PARAMS, "given-up", Topology(1, 2), "staged", ("stage", "raise"))
+            return reference, runs, given_up, engine.status()["graphs_pending"]
         finally:
             await engine.shutdown()
 
-    reference, runs = asyncio.run(main())
+    reference, runs, (given_up, rolled_back), pending_after = asyncio.run(main())
+    assert (rolled_back.state, rolled_back.mode) == ("rolled_back", "staged"), rolled_back
+    assert given_up == reference and pending_after == []
     for (target, mode), (tokens, report, left_out, backfilled, pending) in zip(switches, runs):
         assert (report.state, report.mode, report.requests_live) == ("committed", mode, len(PROMPTS)), report
         assert tokens == reference
