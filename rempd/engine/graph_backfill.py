@@ -35,4 +35,3 @@ class GraphBackfill:
     def captured(self, bucket: int) -> None:
         self.pending.remove(bucket)
         self.backfilled += 1
-

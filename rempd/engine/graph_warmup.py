@@ -32,8 +32,8 @@ def warm_kernels(engine) -> None:
 
 
 def capture_graphs(engine, batch_sizes: list[int] | None = None, refresh_info: bool = True) -> float:
-    """Capture the decode graphs of the installed placement for these batch sizes (every bucket when None), and
-    refresh the workers' info. Seconds of the slowest worker."""
+    """Capture the decode graphs of the installed placement for these batch sizes (every bucket when None: then
+    nothing is left to backfill), and refresh the workers' info unless told not to. Seconds of the slowest worker."""
     seconds = 0.0
     if engine.config.cuda_graphs and not engine.config.is_cpu:
         seconds = max(engine.pool.call("capture_graphs", engine.config.max_num_seqs, batch_sizes,
