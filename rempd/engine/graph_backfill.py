@@ -33,5 +33,5 @@ class GraphBackfill:
         return self.pending[0] if self.pending else None
 
     def captured(self, bucket: int) -> None:
+        self.backfilled += 1  # first: whoever sees nothing pending (another thread) sees the count complete
         self.pending.remove(bucket)
-        self.backfilled += 1
