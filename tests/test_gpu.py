@@ -1,9 +1,14 @@
 """GPU tests (`pytest -m gpu` on a machine with 4 GPUs): bf16 parity with transformers, NCCL topologies, a live
 switch. CI has no GPU and skips these by marker."""
+import asyncio
+
 import pytest
 import torch
 
+from backfill_run import serve, wait_backfilled
 from rempd import LLM, SamplingParams
+from rempd.engine.async_engine import AsyncEngine
+from rempd.engine.config import EngineConfig
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.shards import ModelGeometry, shard_of
 from rempd.topology import Topology
@@ -179,6 +184,42 @@ def test_staged_switch_captures_graphs_before_the_cut(llama1b, fp32_reference):
         assert report.requests_live > 0 and report.kv_pool_kept, detail
         assert report.transform_detail["graph_precapture"] > report.transform_detail["graph_capture"], detail
 
+
+def test_idle_engine_captures_the_graphs_a_switch_left_out(llama1b, fp32_reference):
+    """After a live switch the idle AsyncEngine captures every bucket the commit left out (engine/graph_backfill.py):
+    a later batch of a new size captures nothing lazily, and the tokens stay the reference's; a staged switch given
+    up before its cut leaves the old stages their graphs."""
+    need_gpus(2)
+    tokens, _ = fp32_reference
+
+    async def main():
+        engine = await AsyncEngine.create(EngineConfig(str(llama1b), tp=2, pp=1, devices=[0, 1], **FP32))
+
+        async def info():  # on the engine's thread: the idle loop calls the workers too
+            return await engine.on_engine_thread(lambda: engine.engine.pool.call("info", workers=engine.engine.active))
+
+        try:
+            live, report = await serve(engine, PROMPTS[:2], GREEDY_LONG, "live", Topology(1, 2), "stop_the_world")
+            await wait_backfilled(engine)
+            backfilled = await info()
+            later, _ = await serve(engine, PROMPTS, GREEDY_LONG, "later")  # micro-batches of 3: the bucket of 4
+            infos = await info()
+            # a staged switch given up before its cut: the old stages keep their graphs
+            kept, given_up = await serve(engine, PROMPTS[:2], LIVE_THROUGH, "kept", Topology(2, 1), "staged",
+                                         ("stage", "raise"))
+            after = await info()
+            return live + later + [t[:GREEDY_LONG.max_tokens] for t in kept], report, backfilled, infos, given_up, after
+        finally:
+            await engine.shutdown()
+
+    got, report, backfilled, infos, given_up, after = asyncio.run(main())
+    assert report.state == "committed" and report.requests_live > 0, report
+    assert (given_up.state, given_up.mode) == ("rolled_back", "staged"), (given_up.error, given_up.mode_reason)
+    assert got == tokens[:2] + tokens + tokens[:2]
+    assert all(set(i["graph_capture_by_batch"]) == {1, 2, 4, 8, 16} for i in after), after
+    assert all(set(i["graph_capture_by_batch"]) == {1, 2, 4, 8, 16} for i in backfilled), backfilled
+    assert [i["graph_lazy_captures"] for i in infos] == [i["graph_lazy_captures"] for i in backfilled], infos
+    assert all(i["graph_steps"] > 0 for i in infos), infos
 
 def test_layer_ordered_switches_stay_below_old_plus_new_and_keep_the_tokens(llama1b, fp32_reference):
     """Switches forced to layer order, between 4 and 2 GPUs and changing TP and PP: at each involved worker's

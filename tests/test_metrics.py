@@ -14,7 +14,8 @@ def test_metrics_expose_remp_names_and_both_renderers_agree():
     text = render_text(families)
     assert {"remp:time_to_first_token_seconds", "remp:inter_token_latency_seconds", "remp:num_requests_running",
             "remp:num_requests_waiting", "remp:kv_cache_usage_perc", "remp:topology_info", "remp:topology_switch",
-            "remp:topology_switch_duration_seconds"} <= {f.name for f in parser.text_string_to_metric_families(text)}
+            "remp:topology_switch_duration_seconds", "remp:decode_graphs_pending", "remp:decode_graphs_backfilled"
+            } <= {f.name for f in parser.text_string_to_metric_families(text)}
     assert 'remp:topology_info{model_name="tiny",tp="2",pp="1"} 1.0' in text
     assert 'remp:kv_cache_usage_perc{model_name="tiny"} 0.25' in text
 

@@ -131,6 +131,10 @@ class Metrics:
                      [(m, float(raw.get("num_recoveries", 0)))])
         yield Family("remp:devices_lost", "gauge", "Devices dropped because their worker could not start again.",
                      [(m, float(len(raw.get("lost_devices") or [])))])
+        yield Family("remp:decode_graphs_pending", "gauge", "Decode-graph buckets a switch left out, to capture "
+                     "while idle.", [(m, float(len(raw.get("graphs_pending") or [])))])
+        yield Family("remp:decode_graphs_backfilled", "counter", "Decode-graph buckets captured while idle after a "
+                     "switch.", [(m, float(raw.get("graphs_backfilled", 0)))])
         if topology:
             tp, pp = str(topology["tp"]), str(topology["pp"])
             yield Family("remp:topology_info", "gauge", "The current topology (value 1).",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from rempd.engine.config import EngineConfig
+from rempd.engine.graph_warmup import backfill_graph
 from rempd.engine.llm_engine import LLMEngine
 from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.sampling_params import SamplingParams
@@ -157,7 +158,8 @@ class AsyncEngine:
         while not self.stopping.is_set():
             try:
                 timeout = None if engine.has_unfinished() or self.switch_driver.staging else \
-                    PLAN_POLL_S if self.switch_driver.plans else IDLE_WAIT_S
+                    PLAN_POLL_S if self.switch_driver.plans else \
+                    0.0 if engine.graph_backfill.pending else IDLE_WAIT_S  # no wait between two backfills
                 while True:
                     self._apply(self.commands.get(block=timeout is not None, timeout=timeout))
                     timeout = None
@@ -175,6 +177,8 @@ class AsyncEngine:
                     self._recover(f"worker {dead[0]} died while idle")
                 elif time.monotonic() - self.last_ping > engine.config.worker_timeout / 2:
                     self._ping()  # a stopped worker is alive: only an answer shows it can work
+                elif not (self.switch_driver.staging or self.switch_driver.plans):
+                    self._backfill()
                 continue
             try:
                 self._emit(engine.step())
@@ -188,6 +192,13 @@ class AsyncEngine:
             self.engine.pool.call("info", timeout=self.engine.config.worker_timeout)
         except WorkerError as exc:
             log.error("idle worker check failed: %s", exc)
+            self._recover(str(exc).splitlines()[0])
+
+    def _backfill(self) -> None:
+        try:
+            backfill_graph(self.engine)  # one bucket a turn: a request arriving meanwhile waits for one capture
+        except WorkerError as exc:
+            log.error("idle graph capture failed: %s", exc)
             self._recover(str(exc).splitlines()[0])
 
     def _recover(self, reason: str = "a worker failure") -> None:

@@ -1,6 +1,7 @@
 """When the workers capture their decode CUDA graphs: every bucket after an install, at a switch's commit only the
-buckets the running sequences will use next (the rest on first use, see worker_pool/cuda_graphs.py); and, once at
-start-up, compile the kernels those graphs and eager steps launch under every TP size, so that no capture does."""
+buckets the running sequences will use next (the rest while the engine is idle, engine/graph_backfill.py, or on
+first use, see worker_pool/cuda_graphs.py); and, once at start-up, compile the kernels those graphs and eager
+steps launch under every TP size, so that no capture does."""
 from __future__ import annotations
 
 import logging
@@ -30,20 +31,38 @@ def warm_kernels(engine) -> None:
         log.info("kernels of TP sizes %s compiled in %.3f s", tp_sizes, engine.kernel_warm_seconds)
 
 
-def capture_graphs(engine, batch_sizes: list[int] | None = None) -> float:
-    """Capture the decode graphs of the installed placement for these batch sizes (every bucket when None), and
-    refresh the workers' info. Seconds of the slowest worker."""
+def capture_graphs(engine, batch_sizes: list[int] | None = None, refresh_info: bool = True) -> float:
+    """Capture the decode graphs of the installed placement for these batch sizes (every bucket when None: then
+    nothing is left to backfill), and refresh the workers' info unless told not to. Seconds of the slowest worker."""
     seconds = 0.0
     if engine.config.cuda_graphs and not engine.config.is_cpu:
         seconds = max(engine.pool.call("capture_graphs", engine.config.max_num_seqs, batch_sizes,
                                        workers=engine.active))
-    engine.shard_infos = engine.pool.call("info")
+    if batch_sizes is None:
+        engine.graph_backfill.after_install()
+    if refresh_info:
+        engine.shard_infos = engine.pool.call("info")
     return seconds
 
 
 def capture_live_graphs(engine) -> float:
     """At a switch's commit: the graphs of the batch that runs next; the placement is the new one."""
-    return capture_graphs(engine, live_batch_sizes(engine, engine.placement.topology.pp))
+    sizes = live_batch_sizes(engine, engine.placement.topology.pp)
+    seconds = capture_graphs(engine, sizes)
+    engine.graph_backfill.after_commit(engine.config.max_num_seqs, sizes)
+    return seconds
+
+
+def backfill_graph(engine) -> int | None:
+    """While the engine is idle: capture the smallest bucket the last commit left out; that bucket, or None when
+    none is left. A bucket a step captured meanwhile costs a call the workers skip (DecodeGraphs.capture). The
+    workers' info is not refreshed: nothing the engine reads of it changes with a capture, and a request arriving
+    meanwhile should wait for the capture alone."""
+    size = engine.graph_backfill.next_bucket()
+    if size is not None:
+        capture_graphs(engine, [size], refresh_info=False)
+        engine.graph_backfill.captured(size)
+    return size
 
 
 def live_batch_sizes(engine, pp: int) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 
 from rempd.engine.config import EngineConfig
 from rempd.engine.detokenizer import IncrementalDetokenizer
+from rempd.engine.graph_backfill import GraphBackfill
 from rempd.engine.graph_warmup import warm_kernels
 from rempd.engine.install import install_placement
 from rempd.engine.links import calibrate, measure_links, warm_links
@@ -39,6 +40,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, on_progress: Progress | None = None):
         progress = on_progress or (lambda message, fraction: None)
         self.config = config
+        self.graph_backfill = GraphBackfill()  # install and every commit reset it
         checkpoint = Checkpoint(config.model_dir)
         checkpoint.validate()
         cfg = self.model_config = checkpoint.config

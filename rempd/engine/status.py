@@ -23,5 +23,8 @@ def engine_status(engine) -> dict:
             "driver_host_ms_per_step": engine.step_log.median_ms(("replied", "done")),
             # start-up compilation of every TP size's kernels (0 off CUDA)
             "kernel_warm_s": engine.kernel_warm_seconds,
+            # decode-graph buckets the last switch left out, still to capture while idle (engine/graph_backfill.py)
+            "graphs_pending": list(engine.graph_backfill.pending),
+            "graphs_backfilled": engine.graph_backfill.backfilled,
             "num_recoveries": engine.num_recoveries, "lost_devices": list(engine.device_slots.lost),
             "last_recovery": engine.recoveries[-1].to_dict() if engine.recoveries else None}

@@ -223,7 +223,9 @@ class ShardStaging:
     def abort(self) -> None:
         self.settle()  # every peer posted it too: it completes
         self.thread.join()
-        self.worker.runner.drop_graphs(staged=True)
+        # the old stage serves on over the pool its graphs were captured on: dropping those left it stepping
+        # eagerly until the next install or switch
+        self.worker.runner.drop_graphs(staged=True, serving=False)
         self.rows.clear()
         self.precopy.clear()
         self.stage = None

@@ -109,10 +109,11 @@ class StepRunner:
             self.graphs, self.staged_graphs = graphs, None
         return graphs.capture(batch_sizes)
 
-    def drop_graphs(self, staged: bool = False) -> None:
+    def drop_graphs(self, staged: bool = False, serving: bool = True) -> None:
         """Before the stage or the KV pool goes away: a graph holds their addresses. `staged`: the next
-        stage's too (the staged switch was given up)."""
-        self.graphs = None
+        stage's too (the staged switch was given up); `serving`: the serving stage's."""
+        if serving:
+            self.graphs = None
         if staged:
             self.staged_graphs = None
 
