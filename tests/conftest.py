@@ -108,3 +108,23 @@ def faulty_daemon(checkpoints, tmp_path_factory, daemon_flags):
                             extra=["--switch-round-bytes", "64KiB", *daemon_flags])
     yield running
     running.stop()
+
+
+# GPU tests (test_gpu*.py, marked gpu): a generated llama3-1b checkpoint and its float32 reference tokens (reference
+# attention, no graphs), made once per run for every GPU module
+@pytest.fixture(scope="session")
+def llama1b(tmp_path_factory):
+    from rempd.model.make_checkpoint import make_checkpoint
+
+    return make_checkpoint("llama3-1b", tmp_path_factory.mktemp("gpu") / "llama3-1b", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fp32_reference(llama1b):
+    from gpu_setup import FP32, GREEDY_LONG, PROMPTS, need_gpus
+    from rempd import LLM
+
+    need_gpus(1)
+    with LLM(llama1b, devices=[0], attention="reference", cuda_graphs=False, **FP32) as llm:
+        assert not any(info["kernels"] for info in llm.engine.shard_infos)
+        return [o.token_ids for o in llm.generate(PROMPTS, GREEDY_LONG)], llm.engine.score(PROMPTS[3])

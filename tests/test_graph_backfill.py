@@ -2,8 +2,8 @@
 idle turn (engine/graph_backfill.py). The pending set's rules with no processes; then a real AsyncEngine on CPU
 workers through a stop-the-world and a staged switch with requests running: once idle, it went through exactly
 the buckets the commit left out, and the tokens equal those of no switch (a staged switch given up before its cut
-leaves nothing pending). CPU workers capture no graphs, so that
-check is of the engine's bookkeeping; test_gpu.py checks the captures themselves."""
+leaves nothing pending). CPU workers capture no graphs, so that check is of the engine's bookkeeping;
+test_gpu_graphs.py checks the captures themselves."""
 import asyncio
 from types import SimpleNamespace
 
