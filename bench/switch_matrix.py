@@ -1,6 +1,8 @@
 """Switch matrix: every ordered pair of topologies under live streaming load, beside a restart of the same model.
 
 python bench/switch_matrix.py --shape llama2-7b --devices 0,1,2,3 --out bench/results/switch_matrix_llama2-7b.json
+8 GPUs (topologies default to TP1PP8, TP2PP4, TP4PP2, TP8PP1): --devices 0,1,2,3,4,5,6,7
+CPU smoke run on 8 workers: --shape tiny-llama8 --devices cpu:8 --clients 4 --max-tokens 96 --restart-topologies TP8PP1
 """
 from __future__ import annotations
 

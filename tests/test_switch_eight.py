@@ -1,5 +1,6 @@
 """Live switches among 8-device topologies of a real rempd on 8 gloo workers, clients streaming through the official
-openai client. tiny-llama8 splits every way over 8 devices; at TP8 each of its 4 KV heads is held by two ranks."""
+openai client. tiny-llama8 splits every way over 8 devices; at TP8 each of its 4 KV heads is held by two ranks.
+Stop-the-world switches, and a staged one back to TP1PP8."""
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,8 +12,9 @@ from rempd.model.make_checkpoint import make_checkpoint
 
 PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i + 1) for i in range(4)]
 MAX_TOKENS = 128  # the streams make 6-14 chunks during each switch's plan and quiesce on 2 cores
-# from TP1PP8: every 8-device shape, then 4 workers standing by at TP2PP2, then all 8 again
-TARGETS = [(8, 1), (2, 4), (4, 2), (2, 2), (1, 8)]
+# from TP1PP8: every 8-device shape, then 4 workers standing by at TP2PP2, then all 8 again, staged
+TARGETS = [(8, 1, "stop_the_world"), (2, 4, "stop_the_world"), (4, 2, "stop_the_world"), (2, 2, "stop_the_world"),
+           (1, 8, "staged")]
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +31,11 @@ def test_streams_stay_token_identical_through_every_8_device_shape(daemon):
     before = fault_tools.status(daemon)["num_preempted"]
     # each topology decodes a few tokens of every stream from the KV it received before the next switch
     texts, reports = asyncio.run(fault_tools.stream_through_switches(
-        daemon, [{"tp": tp, "pp": pp, "mode": "stop_the_world"} for tp, pp in TARGETS], PROMPTS, MAX_TOKENS,
+        daemon, [{"tp": tp, "pp": pp, "mode": mode} for tp, pp, mode in TARGETS], PROMPTS, MAX_TOKENS,
         chunks_between=3))
     assert texts == reference
-    for (tp, pp), report in zip(TARGETS, reports):
-        assert report["state"] == "committed", report
+    for (tp, pp, mode), report in zip(TARGETS, reports):
+        assert report["state"] == "committed" and report["mode"] == mode, report
         assert report["target"] == f"TP{tp}PP{pp}" and len(report["placement"]) == tp * pp
         assert report["requests_live"] == len(PROMPTS) and report["kv_blocks_migrated"] > 0, report
         assert report["requests_preempted"] == 0
