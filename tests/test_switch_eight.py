@@ -11,7 +11,7 @@ import fault_tools
 from rempd.model.make_checkpoint import make_checkpoint
 
 PROMPTS = [f"Stream {i} says: " + "lorem ipsum dolor sit amet " * (i + 1) for i in range(4)]
-MAX_TOKENS = 128  # the streams make 6-14 chunks during each switch's plan and quiesce on 2 cores
+MAX_TOKENS = 128  # back to back, streams moved 6-14 chunks per switch on 2 cores: 128 keeps all 4 live to the end
 # from TP1PP8: every 8-device shape, then 4 workers standing by at TP2PP2, then all 8 again, staged
 TARGETS = [(8, 1, "stop_the_world"), (2, 4, "stop_the_world"), (4, 2, "stop_the_world"), (2, 2, "stop_the_world"),
            (1, 8, "staged")]
