@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+from cli import device_count
 
 
 def parse(name: str) -> tuple[int, int]:
@@ -24,9 +25,10 @@ def free_port() -> int:
 
 def start_daemon(model: Path, devices: str, topology: str, port: int, socket_path: str, extra: list[str],
                  log_path: Path) -> subprocess.Popen:
-    """`rempd serve` on `devices` ("cpu": 4 CPU workers) at `topology`; its output goes to `log_path`."""
+    """`rempd serve` on `devices` (CUDA ids, or "cpu[:N]" CPU workers) at `topology`; its output goes to
+    `log_path`."""
     tp, pp = parse(topology)
-    flags = ["--devices", devices] if devices != "cpu" else ["--cpu-workers", "4"]
+    flags = ["--cpu-workers", str(device_count(devices))] if devices.startswith("cpu") else ["--devices", devices]
     cmd = [sys.executable, "-m", "rempd", "serve", "--model", str(model), *flags, "--tp", str(tp), "--pp", str(pp),
            "--port", str(port), "--socket", socket_path, *extra]
     return subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)

@@ -14,6 +14,17 @@ profile() {
     if [ "${4:-}" = brief ]; then awk '/^ +[0-9.]+ ms/ { if (++k > 6) next } !/^ +[0-9.]+ ms/ { k = 0 } 1' "$OUT/$name.log"
     else tail -40 "$OUT/$name.log"; fi
 }
+# every TP×PP on all of DEVICES, tp a power of two, largest tp first: TP4PP1,TP2PP2,TP1PP4 on 0,1,2,3;
+# TP8PP1,TP4PP2,TP2PP4,TP1PP8 on 0,...,7 (the matrix, restart and staged steps' defaults are bench/cli.py's)
+full_topos() {
+    local n tp=1 list=""
+    n=$(echo "${DEVICES:-0,1,2,3}" | tr , '\n' | wc -l)
+    while [ "$tp" -le "$n" ]; do
+        [ $((n % tp)) = 0 ] && list="TP${tp}PP$((n / tp))${list:+,$list}"
+        tp=$((tp * 2))
+    done
+    echo "$list"
+}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -39,9 +50,10 @@ for step in "$@"; do
             --out "$CK" 2>&1 | tail -3
         df -h /tmp | tail -1 ;;
     matrix)  # switches (and, unless NO_RESTART=1, restarts into RESTART_TOPOS) of one shape; IN_PLACE=always|never;
-             # MAX_TOKENS per stream (default 512; fewer for 70B, whose streams are slower)
+             # MAX_TOKENS per stream (default 512; fewer for 70B, whose streams are slower); TOPOS: on 4 devices
+             # TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1, on 8 TP1PP8,TP2PP4,TP4PP2,TP8PP1 unless set
         timeout "${LIMIT:-500}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
-            --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1,TP1PP2,TP2PP1}" --repeats "${REPEATS:-1}" \
+            ${TOPOS:+--topologies "$TOPOS"} --repeats "${REPEATS:-1}" \
             ${NO_RESTART:+--no-restart} ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             ${IN_PLACE:+--in-place "$IN_PLACE"} ${MAX_TOKENS:+--max-tokens "$MAX_TOKENS"} \
             --out "$OUT/switch_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -40 ;;
@@ -59,9 +71,10 @@ for step in "$@"; do
         for run in TP4PP1:sync TP4PP1:async TP2PP2:sync TP2PP2:async; do
             profile "${run%%:*}" "${DEVICES:-0,1,2,3}" "${run##*:}" brief
         done ;;
-    staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run
+    staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run;
+             # TOPOS: TP1PP4,TP2PP2,TP4PP1 on 4 devices, on 8 TP1PP8,TP2PP4,TP4PP2,TP8PP1 unless set
         timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
-            --topologies "${TOPOS:-TP1PP4,TP2PP2,TP4PP1}" \
+            ${TOPOS:+--topologies "$TOPOS"} \
             --out "$OUT/staged_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -30 ;;
     soak)  # 200 random switches under streaming load, float32 so that greedy tokens are exact: about 5 minutes
         timeout "${LIMIT:-420}" python3 bench/soak.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
@@ -72,15 +85,17 @@ for step in "$@"; do
         timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;
-    workload)  # fixed TP4PP1, TP2PP2, TP1PP4 vs auto over one day-shaped schedule (issue #6); about 8 minutes
-        SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE
+    workload)  # fixed TOPOS (default: full_topos) vs auto over one day-shaped schedule (issue #6); ~8 min on 4 GPUs
+        SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE; WL_TOPOS=${TOPOS:-$(full_topos)}
+        FIRST=${WL_TOPOS%%,*}; FIRST_TP=${FIRST#TP}; FIRST_TP=${FIRST_TP%%PP*}
         [ -f "$CK/config.json" ] || python3 -m rempd make-checkpoint --shape "$SHAPE" --out "$CK"
-        python3 -m rempd serve --model "$CK" --devices 0,1,2,3 --tp 4 --pp 1 --port 18100 --socket /tmp/wl.sock \
+        python3 -m rempd serve --model "$CK" --devices "${DEVICES:-0,1,2,3}" --tp "$FIRST_TP" --pp "${FIRST##*PP}" \
+            --port 18100 --socket /tmp/wl.sock \
             --state-dir /tmp/wl-state --policy-window 8 --policy-dwell 12 --policy-interval 0.5 \
-            --policy-topologies TP4PP1,TP2PP2,TP1PP4 > "$OUT/workload_rempd.log" 2>&1 &
+            --policy-topologies "$WL_TOPOS" > "$OUT/workload_rempd.log" 2>&1 &
         RPID=$!
         timeout "${LIMIT:-450}" python3 bench/workload.py run --url http://127.0.0.1:18100 --socket /tmp/wl.sock \
-            --model "$SHAPE" --modes TP4PP1,TP2PP2,TP1PP4,auto --profile --peak-rate profile \
+            --model "$SHAPE" --modes "$WL_TOPOS,auto" --profile --peak-rate profile \
             --slo-ttft profile --slo-itl profile --duration "${DURATION:-56}" --prompt-tokens 256 --output-tokens 64 \
             --keep-records --out "$OUT/workload_$SHAPE.json" --plot "$OUT/workload_$SHAPE.png" 2>&1 | tee "$OUT/workload.log" | tail -40
         kill -TERM $RPID; wait $RPID ;;

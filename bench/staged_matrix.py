@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import add_matrix_args, ensure_checkpoint  # noqa: E402
+from cli import add_matrix_args, ensure_checkpoint, matrix_topologies  # noqa: E402
 from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
 from daemon_control import control, start_daemon, switch  # noqa: E402
 
-TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1"]
+TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1"]  # on 4 devices, unless --topologies
 POLL_S = 0.005  # how often a switch is polled: when it is seen to end bounds the window measured around it
 
 
@@ -78,7 +78,7 @@ async def under_load(base: str, model: str, ctl: httpx.Client, target: str | Non
 async def run(model: Path, args) -> dict:
     results: dict = {"shape": args.shape, "devices": args.devices, "cells": [], "baselines": {}}
     port, base = 18100, "http://127.0.0.1:18100"
-    topologies = args.topologies.split(",")
+    topologies = matrix_topologies(args, TOPOLOGIES)
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/rempd.sock"
         daemon = start_daemon(model, args.devices, topologies[0], port, sock, [], Path(args.out).with_suffix(".log"))
@@ -114,7 +114,7 @@ async def run(model: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    add_matrix_args(ap, TOPOLOGIES, max_tokens=128)
+    add_matrix_args(ap, max_tokens=128)
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

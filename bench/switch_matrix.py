@@ -1,6 +1,8 @@
 """Switch matrix: every ordered pair of topologies under live streaming load, beside a restart of the same model.
 
 python bench/switch_matrix.py --shape llama2-7b --devices 0,1,2,3 --out bench/results/switch_matrix_llama2-7b.json
+8 GPUs (topologies default to TP1PP8, TP2PP4, TP4PP2, TP8PP1): --devices 0,1,2,3,4,5,6,7
+CPU smoke run on 8 workers: --shape tiny-llama8 --devices cpu:8 --clients 4 --max-tokens 96 --restart-topologies TP8PP1
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import add_matrix_args, ensure_checkpoint  # noqa: E402
+from cli import add_matrix_args, ensure_checkpoint, matrix_topologies  # noqa: E402
 from daemon_control import control, parse, start_daemon, switch  # noqa: E402
 from load import Stream, serving_pause, stream_completion, wait_healthy  # noqa: E402
 
-TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1", "TP1PP2", "TP2PP1"]
+TOPOLOGIES = ["TP1PP4", "TP2PP2", "TP4PP1", "TP1PP2", "TP2PP1"]  # on 4 devices, unless --topologies
 
 
 async def measure_switch(base: str, model: str, ctl: httpx.Client, target: str, clients: int,
@@ -136,7 +138,7 @@ async def run_cell(ctl: httpx.Client, port: int, shape: str, src: str, dst: str,
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    add_matrix_args(ap, TOPOLOGIES, max_tokens=512)
+    add_matrix_args(ap, max_tokens=512)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warm-s", type=float, default=0.3, help="seconds of streaming before each switch")
     ap.add_argument("--no-restart", action="store_true")
@@ -147,7 +149,7 @@ async def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = ensure_checkpoint(args.checkpoints, args.shape)
-    topologies = args.topologies.split(",")
+    topologies = matrix_topologies(args, TOPOLOGIES)
     out = Path(args.out)
     log_path = out.with_suffix(".log")
     results: dict = {"shape": args.shape, "devices": args.devices, "topologies": topologies, "restarts": {}}
@@ -155,7 +157,7 @@ async def main() -> None:
     if not args.restart_only:
         await run_matrix(model, args.shape, args.devices, topologies, args, log_path, results)
     if not args.no_restart:
-        for topology in (args.restart_topologies or args.topologies).split(","):
+        for topology in args.restart_topologies.split(",") if args.restart_topologies else topologies:
             try:
                 seconds = await restart_time(model, args.devices, topology, 18001, args.shape, log_path)
             except Exception as exc:  # noqa: BLE001 - a topology that cannot start is recorded as such

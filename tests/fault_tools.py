@@ -36,10 +36,11 @@ def switch(ctl: httpx.Client, tp: int, pp: int, **extra) -> dict:
     return report
 
 
-async def stream_through_switches(daemon, targets: list[dict], prompts: list[str],
-                                  max_tokens: int) -> tuple[list[str], list[dict]]:
+async def stream_through_switches(daemon, targets: list[dict], prompts: list[str], max_tokens: int,
+                                  chunks_between: int = 0) -> tuple[list[str], list[dict]]:
     """Stream every prompt greedily (openai client); once every stream has a few chunks, run the switches one
-    after another. The streamed texts, and each switch's final report."""
+    after another, each after every unfinished stream got `chunks_between` more chunks from the topology before
+    (0: back to back). The streamed texts, and each switch's final report."""
     client = AsyncOpenAI(base_url=f"{daemon.base_url}/v1", api_key="none")
     chunks: list[list[str]] = [[] for _ in prompts]
 
@@ -50,11 +51,19 @@ async def stream_through_switches(daemon, targets: list[dict], prompts: list[str
             chunks[i].append(event.choices[0].text)
         return "".join(chunks[i])
 
+    async def each_stream_gets(count: int) -> None:
+        wanted = [len(c) + count for c in chunks]
+        while not all(len(c) >= w or t.done() for c, w, t in zip(chunks, wanted, tasks)):
+            await asyncio.sleep(0.005)
+
     tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
-    while not all(len(c) >= 3 or t.done() for c, t in zip(chunks, tasks)):
-        await asyncio.sleep(0.005)
+    await each_stream_gets(3)
     with daemon.control() as ctl:
-        ids = [(await asyncio.to_thread(switch, ctl, **target))["id"] for target in targets]
+        ids = []
+        for target in targets:
+            if ids:
+                await each_stream_gets(chunks_between)
+            ids.append((await asyncio.to_thread(switch, ctl, **target))["id"])
         texts = list(await asyncio.gather(*tasks))
         # read the reports again once the streams are done: the serving pause closes at the first token after
         return texts, [ctl.get(f"/v1/switches/{switch_id}").json() for switch_id in ids]

@@ -15,7 +15,7 @@ from rempd.model.make_checkpoint import (BOS_ID, EOS_ID, IM_END_ID, SHAPES, buil
                                          make_checkpoint, make_checkpoint_command, shape_config)
 from rempd.model.tokenizer import Tokenizer
 
-TINY = ("tiny-llama", "tiny-qwen2")
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-llama8")
 
 
 def _digests(path: Path) -> dict[str, str]:
@@ -47,6 +47,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     ("tiny-qwen2", dict(architecture="Qwen2ForCausalLM", hidden_size=64, intermediate_size=160,
                         num_layers=5, num_heads=4, num_kv_heads=2, attention_bias=True,
                         tie_word_embeddings=True, dtype="float32")),
+    ("tiny-llama8", dict(architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_layers=8,
+                         num_heads=8, num_kv_heads=4, head_dim=8, dtype="float32")),
 ])
 def test_shapes_table_dims(shape: str, dims: dict) -> None:
     cfg = ModelConfig.from_dict(shape_config(shape))

@@ -68,6 +68,8 @@ SHAPES: MappingProxyType[str, Shape] = MappingProxyType({
                         _llama3_rope(8.0, 256), dtype="float32"),
     "tiny-qwen2": Shape("Qwen2ForCausalLM", 64, 160, 5, 4, 2, 512, 512, 1e-6, 1e6,
                         attention_bias=True, tie_word_embeddings=True, dtype="float32"),
+    # Splits every way over 8 devices (TP1PP8 … TP8PP1); 4 KV heads so that TP8 replicates each over two ranks.
+    "tiny-llama8": Shape("LlamaForCausalLM", 64, 128, 8, 8, 4, 512, 512, 1e-5, 10000.0, dtype="float32"),
 })
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
