@@ -75,6 +75,15 @@ async def under_load(base: str, model: str, ctl: httpx.Client, target: str | Non
     return report
 
 
+def stall_detail(report: dict) -> dict:
+    """The staged report's figures that place a stall: the longest wait for a step's reply and gap between two
+    replies, the background loads, and the slowest step of each staging kind (ms)."""
+    detail = report.get("transform_detail") or {}
+    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads",
+            *(k for k in detail if k.startswith("staging_") and k.endswith("_max"))]
+    return {k.removeprefix("staging_"): round(1e3 * detail[k]) for k in keys if k in detail}
+
+
 async def run(model: Path, args) -> dict:
     results: dict = {"shape": args.shape, "devices": args.devices, "cells": [], "baselines": {}}
     port, base = 18100, "http://127.0.0.1:18100"
@@ -104,7 +113,7 @@ async def run(model: Path, args) -> dict:
                           f"{s.get('total_seconds')} | stop-the-world server pause {w.get('serving_pause_s')} total "
                           f"{w.get('total_seconds')} | ITL p50/mean while staging {s['while_switching']['itl_p50_s']}"
                           f"/{s['while_switching']['itl_mean_s']} vs none {none['itl_p50_s']}/{none['itl_mean_s']}"
-                          f" {s.get('mode_reason') or ''}", flush=True)
+                          f" | where a stall sat: {stall_detail(s)} {s.get('mode_reason') or ''}", flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:
             daemon.terminate()
