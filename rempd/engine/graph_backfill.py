@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rempd.worker_pool.cuda_graphs import buckets_up_to
+from rempd.worker_pool.cuda_graphs import bucket_of, buckets_up_to
 
 
 @dataclass
@@ -25,7 +25,7 @@ class GraphBackfill:
         """The commit captured the buckets of the live batch sizes: every other one waits. Smallest first: at the
         light load that follows a switch, the small ones are needed next."""
         buckets = buckets_up_to(max_batch)
-        captured = {next(b for b in buckets if b >= min(n, max_batch)) for n in live_sizes if n > 0}
+        captured = {bucket_of(n, buckets) for n in live_sizes if n > 0}
         self.pending = [b for b in buckets if b not in captured]
         self.left_out = list(self.pending)
 

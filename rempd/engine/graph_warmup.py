@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from rempd.topology import valid_topologies
-from rempd.worker_pool.cuda_graphs import buckets_up_to
+from rempd.worker_pool.cuda_graphs import bucket_of, buckets_up_to
 from rempd.worker_pool.kernel_warmup import WarmupShape
 
 log = logging.getLogger("rempd.engine")
@@ -84,7 +84,7 @@ def expected_batch_sizes(engine, pp: int) -> list[int]:
     sizes = live_batch_sizes(engine, pp)
     joined = min(len(engine.scheduler.running) + len(engine.scheduler.waiting), engine.config.max_num_seqs)
     buckets = buckets_up_to(engine.config.max_num_seqs)
-    by_bucket = {next(b for b in buckets if b >= n): n for n in [*batch_sizes(joined, pp), *sizes]}
+    by_bucket = {bucket_of(n, buckets): n for n in [*batch_sizes(joined, pp), *sizes]}
     return sorted(by_bucket.values(), reverse=True)
 
 

@@ -112,12 +112,16 @@ class Policy:
                candidates: list[str], switch_seconds: dict[str, float]) -> Decision:
         c = self.config
         load = self.load(obs, profiles)
+
+        def carries(ceiling: float) -> bool:
+            return load <= (1 - c.headroom) * ceiling
+
         ranked = []
         for name in candidates:
             if name not in profiles.topologies:
                 continue
             score, ceiling = self.score(name, load, profiles)
-            enterable = score <= 1 - c.headroom and load <= (1 - c.headroom) * ceiling
+            enterable = score <= 1 - c.headroom and carries(ceiling)
             ranked.append(Candidate(name, score, score + c.device_cost * devices_of(name), ceiling, enterable))
         measured = self.measured(obs)
         here = next((x for x in ranked if x.topology == current), None)
@@ -130,9 +134,6 @@ class Policy:
                         1.0 if obs.kv_usage >= c.kv_full else 0.0)
             here.score, here.cost = worse, worse + c.device_cost * devices_of(current)
 
-        def carries(x: Candidate) -> bool:
-            return load <= (1 - c.headroom) * x.ceiling
-
         enterable = [x for x in ranked if x.enterable and x is not here]
         if enterable:
             best = min(enterable + [here], key=lambda x: (x.cost, -x.ceiling, x is not here))
@@ -140,7 +141,7 @@ class Policy:
             # none meets the objectives: one near its ceiling builds a queue that every later request waits
             # behind (4x H100, 7B: TP4PP1 near 36/s had TTFT p50 1.6 s at peak and 3.3 s after it, where TP2PP2
             # stayed at 0.16 s), so those that carry the load with headroom come first, then the lowest score
-            best = min(ranked, key=lambda x: (not carries(x), x.cost, -x.ceiling, x is not here))
+            best = min(ranked, key=lambda x: (not carries(x.ceiling), x.cost, -x.ceiling, x is not here))
 
         def decision(action: Action, reason: str, target: str | None = best.topology) -> Decision:
             return Decision(now, action, current, target, reason, load, ranked)
@@ -154,7 +155,7 @@ class Policy:
         # hysteresis scales with the current score
         scale = max(1.0, here.cost) if math.isfinite(here.cost) else 1.0
         threshold = c.hysteresis * scale + switch_s / (c.horizon_s or c.dwell_s)
-        gain = math.inf if carries(best) and not carries(here) else _gain(here, best)
+        gain = math.inf if carries(best.ceiling) and not carries(here.ceiling) else _gain(here, best)
         if not gain > threshold:
             return decision("hold", f"{best.topology} gains {_num(gain)} over {current}, not more than "
                                     f"hysteresis + switch cost {threshold:.3f}")

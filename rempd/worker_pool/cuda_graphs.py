@@ -30,6 +30,11 @@ def buckets_up_to(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def bucket_of(batch: int, buckets: list[int]) -> int:
+    """The bucket that runs a batch of this size: the smallest that holds it (the largest past it)."""
+    return next(b for b in buckets if b >= min(batch, buckets[-1]))
+
+
 def idle_inputs(size: int, max_blocks: int, device: torch.device) -> tuple[StepLayout, torch.Tensor]:
     """A bucket's static inputs as captured: `size` padding rows (write nothing, read nothing), on the device."""
     layout = StepLayout(tokens=size, samples=size, seqs=size, max_blocks=max_blocks)
@@ -62,11 +67,8 @@ class DecodeGraphs:
     def capture(self, batch_sizes: list[int] | None = None) -> float:
         """Capture the buckets of these batch sizes (all of them when None) that are not captured yet, largest
         first so that the smaller ones fit in its memory pool. Seconds taken."""
-        wanted = self.buckets if batch_sizes is None else {self.bucket_of(n) for n in batch_sizes if n > 0}
+        wanted = self.buckets if batch_sizes is None else {bucket_of(n, self.buckets) for n in batch_sizes if n > 0}
         return sum(self._capture(size) for size in sorted(set(wanted) - set(self.graphs), reverse=True))
-
-    def bucket_of(self, batch: int) -> int:
-        return next(b for b in self.buckets if b >= min(batch, self.buckets[-1]))
 
     def _capture(self, size: int) -> float:
         start = time.perf_counter()
@@ -113,7 +115,7 @@ class DecodeGraphs:
             return None
         if max(len(t) for t in step.block_tables) > self.max_blocks:
             return None
-        return self.bucket_of(n)
+        return bucket_of(n, self.buckets)
 
     def run(self, size: int, step: StepInput, hidden: torch.Tensor | None,
             last_tokens: torch.Tensor | None = None) -> torch.Tensor:
