@@ -65,8 +65,8 @@ async def under_load(base: str, model: str, ctl: httpx.Client, target: str | Non
         report = ctl.get(f"/v1/switches/{report['id']}").json()
     report = {k: report.get(k) for k in ("state", "mode", "mode_reason", "error", "phases", "transform_detail",
                                          "total_seconds", "cut_seconds", "staging_seconds", "serving_pause_s",
-                                         "requests_live", "kv_pool_kept", "kv_blocks_precopied",
-                                         "kv_blocks_delta", "requests_preempted")} if target else {}
+                                         "requests_live", "kv_pool_kept", "kv_blocks_precopied", "kv_blocks_delta",
+                                         "kv_blocks_given_back", "requests_preempted")} if target else {}
     staging = report.get("staging_seconds")
     window = (start, start + staging) if staging else (start, end)
     report["client_pause_s"] = serving_pause(streams[:len(live)], start, end)
@@ -79,7 +79,7 @@ def stall_detail(report: dict) -> dict:
     """The staged report's figures that place a stall: the longest wait for a step's reply and gap between two
     replies, the background loads, and the slowest step of each staging kind (ms)."""
     detail = report.get("transform_detail") or {}
-    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads",
+    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads", "give_back_graph_capture",
             *(k for k in detail if k.startswith("staging_") and k.endswith("_max"))]
     return {k.removeprefix("staging_"): round(1e3 * detail[k]) for k in keys if k in detail}
 
@@ -113,7 +113,8 @@ async def run(model: Path, args) -> dict:
                           f"{s.get('total_seconds')} | stop-the-world server pause {w.get('serving_pause_s')} total "
                           f"{w.get('total_seconds')} | ITL p50/mean while staging {s['while_switching']['itl_p50_s']}"
                           f"/{s['while_switching']['itl_mean_s']} vs none {none['itl_p50_s']}/{none['itl_mean_s']}"
-                          f" | where a stall sat: {stall_detail(s)} {s.get('mode_reason') or ''}", flush=True)
+                          f" | where a stall sat: {stall_detail(s)} given back {s.get('kv_blocks_given_back')}"
+                          f" {s.get('mode_reason') or ''}", flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:
             daemon.terminate()

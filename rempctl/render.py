@@ -17,8 +17,9 @@ from rich.table import Table
 
 from rempd.protocol import StatusResponse, WorkerStatus
 
-PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")  # rempd.migrate.report.PHASES
-STAGED_PHASES = ("plan", "groups", "stage", "precopy", "quiesce", "delta", "commit", "resume")  # and STAGED_PHASES
+# rempd.migrate.report's PHASES and STAGED_PHASES
+PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")
+STAGED_PHASES = ("plan", "give_back", "groups", "stage", "precopy", "quiesce", "delta", "commit", "resume")
 STATE_STYLE = {"serving": "green", "starting": "yellow", "recovering": "yellow", "draining": "yellow",
                "failed": "red", "active": "green", "standby": "cyan", "dead": "red", "restarting": "yellow",
                "committed": "green", "running": "yellow", "rolled_back": "red", "refused": "red"}
@@ -195,6 +196,8 @@ def print_report(report: dict, console: Console) -> None:
     if report.get("mode") == "staged":
         console.print(f"  KV blocks pre-copied while serving {report.get('kv_blocks_precopied', 0)}, "
                       f"sent at the cut {report.get('kv_blocks_delta', 0)}")
+    if report.get("kv_blocks_given_back"):
+        console.print(f"  free KV blocks given back to stage the target {report['kv_blocks_given_back']}")
     pause = report.get("serving_pause_s")
     console.print(f"  [bold]serving pause[/bold] {seconds(pause) if pause is not None else 'not measured'} "
                   f"(cut {seconds(report.get('cut_seconds'))}) of {seconds(report.get('total_seconds'))} in all")

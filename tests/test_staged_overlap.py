@@ -12,7 +12,8 @@ PROMPTS = [[(7 * i + j) % 200 + 3 for j in range(20 + 9 * i)] for i in range(4)]
 PARAMS = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
 
 
-def serve(engine: LLMEngine, tag: str, target: Topology | None = None):
+def serve(engine: LLMEngine, tag: str, target: Topology | None = None,
+          options: StagingOptions = StagingOptions(chunk_bytes=16 << 10, chunks_per_gap=2), fault=None):
     """Greedy tokens per prompt; with a target, a staged switch to it begins after a few steps. Returns the tokens,
     the switch's report and, per staging gap but the cut, the steps in flight before and after it."""
     tokens: dict[str, list[int]] = {}
@@ -29,8 +30,7 @@ def serve(engine: LLMEngine, tag: str, target: Topology | None = None):
     if target is not None:
         take(engine.quiesce())  # the engine thread's commands run with no step in flight
         report = SwitchReport(id="overlap", source=str(engine.placement), target=str(target))
-        staged = StagedSwitch(engine, target, report, engine.links,
-                              StagingOptions(chunk_bytes=16 << 10, chunks_per_gap=2), emit=take)
+        staged = StagedSwitch(engine, target, report, engine.links, options, fault, emit=take)
         take(staged.begin())
     while engine.has_unfinished():
         if staged is not None and not staged.finished:  # as AsyncEngine._run: advance, then step

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")
 # a staged switch: plan and stage while the old topology serves, then the cut (quiesce, delta, commit, resume)
-STAGED_PHASES = ("plan", "groups", "stage", "precopy", "quiesce", "delta", "commit", "resume")
+STAGED_PHASES = ("plan", "give_back", "groups", "stage", "precopy", "quiesce", "delta", "commit", "resume")
 MODES = ("staged", "stop_the_world")
 
 
@@ -44,6 +44,7 @@ class SwitchReport:
     staging_seconds: float | None = None  # staged: from the plan to the cut, while the old topology served
     kv_blocks_precopied: int = 0  # staged: blocks whose pre-copy held at the cut
     kv_blocks_delta: int = 0  # staged: blocks sent at the cut
+    kv_blocks_given_back: int = 0  # staged: free blocks of the old pool given back so that the target fits
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     total_seconds: float = 0.0
@@ -69,6 +70,14 @@ class SwitchReport:
         detail[f"{key}_max"] = max(detail.get(f"{key}_max", 0.0), slowest)
         if kind == "graphs":
             detail["graph_precapture"] = detail[key]
+
+    def add_stalls(self, steps: list[dict]) -> None:
+        """Where a stall between two serving steps sat while staging: waiting for the workers, or on the engine
+        thread. steps: the step log's records ("sent", "replied") within the switch."""
+        if len(steps) > 1:
+            replies = [s["replied"] for s in steps]
+            self.transform_detail["staging_longest_reply_gap"] = max(b - a for a, b in zip(replies, replies[1:]))
+            self.transform_detail["staging_longest_step_wait"] = max(s["replied"] - s["sent"] for s in steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from rempd.migrate.stage_shard import ShardStaging
-from rempd.worker_pool.device_memory import spare_bytes
+from rempd.worker_pool.device_memory import staging_room
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,10 @@ class StagedReply:
 
 
 def stage_step(worker, op: str, *args) -> object:
-    # bytes of device memory free for staging, counting the allocator's unused cache (None on CPU, where the
-    # driver's limit decides). Staging borrows the headroom gpu_memory_utilization leaves; giving back free KV
-    # blocks of the old pool is not done yet.
+    # bytes of device memory free for staging, counting the allocator's unused cache: the headroom
+    # gpu_memory_utilization leaves, and what free KV blocks given back made (StagedSwitch._give_back)
     if op == "room":
-        return max(0, spare_bytes(worker)) if worker.device.type == "cuda" else None
+        return staging_room(worker)
     start = time.perf_counter()
     if op == "groups":  # every worker, staging or not, builds the groups together
         worker.prepare_groups(*args)

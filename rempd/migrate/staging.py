@@ -10,6 +10,7 @@ from typing import Callable
 
 from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, expected_batch_sizes
+from rempd.engine.kv_resize import GivenBack
 from rempd.migrate.capacity import BudgetQuery, SwitchRefused, ask_budget, conclude_capacity
 from rempd.migrate.delta import CutLayout, PrecopyLedger
 from rempd.migrate.plan import SwitchPlan
@@ -43,6 +44,7 @@ class StagedSwitch:
         self.capacity = 0
         self.precopy_rounds = 0
         self.pool_blocks = 0  # blocks of the target's shape that every new worker's old pool memory holds
+        self.given_back = GivenBack()
         self.query: BudgetQuery | None = None
         self.room_ticket: Ticket | None = None  # the new workers' free memory, asked with the budget
         self.ticket: Ticket | None = None  # the question or staging work posted last, with its kind
@@ -94,6 +96,7 @@ class StagedSwitch:
         engine, replies, kind = self.engine, self.engine.pool.result(self.ticket), self.ticket_kind
         self.ticket = None
         start = self._enter("plan")
+        outputs = []
         if kind == "budget":
             rooms, self.room_ticket = engine.pool.result(self.room_ticket), None
             try:
@@ -102,8 +105,15 @@ class StagedSwitch:
                 self._refuse(exc)
                 return []
             reason = self.budget.unfit(self.plan, self.capacity, rooms)
+            count = self.budget.blocks_to_give_back(self.plan, rooms) if reason is not None else 0
+            if count:
+                self._leave("plan", start)
+                outputs, rooms = self._give_back(count)
+                start = self._enter("plan")
+                reason = self.budget.unfit(self.plan, self.capacity, rooms)
+                reason = reason and f"{reason}, with {count} free KV blocks given back"
             if reason is not None:
-                return self._stop_the_world(reason)
+                return outputs + self._stop_the_world(reason)
             self._post("begin", "begin", self.plan, engine.config.block_size, engine.max_model_len)
         else:
             # the first staged switch of a 4x H100 daemon held serving 1.2-1.4 s: this step took 0.27 s of it
@@ -111,7 +121,19 @@ class StagedSwitch:
             self.pool_blocks = min(r.pool_blocks for w, r in zip(self.involved, replies) if w in self.plan.new.workers)
             self.tasks = StagingTasks(self.budget.weight_chunks(self.plan), self.is_cuda and engine.config.cuda_graphs)
         self._leave("plan", start)
-        return []
+        return outputs
+
+    def _give_back(self, count: int) -> tuple[list, list]:
+        """Shrink the old pool by `count` free blocks so that the target fits beside it, and ask the new workers'
+        room again. A pause: the steps in flight drain, the live blocks move and the live batch's decode graphs
+        are captured again (give_back_graph_capture). The outputs of the drained steps, and the rooms."""
+        start = self._enter("give_back")
+        outputs = self.engine.quiesce()
+        self.report.transform_detail["give_back_graph_capture"] = self.given_back.give(self.engine, count)
+        self.report.kv_blocks_given_back = count
+        rooms = self.engine.pool.call("staged", "room", workers=list(self.plan.new.workers))
+        self._leave("give_back", start)
+        return outputs, rooms
 
     def _refuse(self, exc: SwitchRefused) -> None:
         self.report.state, self.report.error = "refused", str(exc)
@@ -124,6 +146,8 @@ class StagedSwitch:
         outputs = self.engine.quiesce()  # the transaction asks the workers before its own quiesce phase
         transaction = SwitchTransaction(self.engine, self.target, self.report, self.links, self.requested_fault)
         transaction.run()
+        if self.report.state != "committed":
+            self.given_back.take_back(self.engine)
         self.report.cut_seconds = self.report.total_seconds = time.perf_counter() - self.begun
         self.finished = True
         return outputs + transaction.outputs
@@ -272,6 +296,7 @@ class StagedSwitch:
             elif self.plan is not None:
                 outputs = outputs + engine.quiesce()  # the abort's replies come after the steps'
                 engine.pool.call("staged", "abort", workers=self.involved)
+                self.given_back.take_back(self.engine)
             report.state = "rolled_back"
         except Exception as again:  # noqa: BLE001
             report.state, report.error = "failed", f"{report.error}; rollback failed: {again}"
@@ -289,9 +314,5 @@ class StagedSwitch:
         self.report.phase = None
         self.report.total_seconds = time.perf_counter() - self.begun
         self.finished = True
-        steps = self.engine.step_log.since(self.begun)
-        if self.report.mode == "staged" and len(steps) > 1:
-            # where a stall between two serving steps sat: waiting for the workers, or on this thread
-            replies = [s["replied"] for s in steps]
-            self.report.transform_detail["staging_longest_reply_gap"] = max(b - a for a, b in zip(replies, replies[1:]))
-            self.report.transform_detail["staging_longest_step_wait"] = max(s["replied"] - s["sent"] for s in steps)
+        if self.report.mode == "staged":
+            self.report.add_stalls(self.engine.step_log.since(self.begun))

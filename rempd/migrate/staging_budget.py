@@ -12,6 +12,7 @@ from rempd.migrate.capacity import choose_pool
 from rempd.topology import Placement, kv_heads_per_rank
 
 GROWTH = 1.25  # live KV grows while staging: room for a quarter more
+GIVE_BACK_MARGIN = 1.1  # more free KV blocks given back than the shortfall asks: memory is measured again after
 
 
 @dataclass(frozen=True)
@@ -37,28 +38,54 @@ class StagingBudget:
             self.memory_limit = engine.config.kv_cache_memory
         self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
 
+    def _needs(self, plan: SwitchPlan) -> list[int]:
+        """Bytes each new worker stages: its weights, the pre-copied KV (live blocks and their growth) and one
+        gap's chunks in flight."""
+        cfg, expected = self.engine.model_config, self._expected_blocks()
+        in_flight = self.chunk_bytes * self.chunks_per_gap
+        return [self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard) + in_flight
+                for shard in (shard_of(cfg, plan.new, w) for w in plan.new.workers)]
+
+    def _expected_blocks(self) -> int:
+        running = self.engine.scheduler.running
+        return math.ceil(sum(len(s.block_table) for s in running) * GROWTH) + len(running)
+
     def unfit(self, plan: SwitchPlan, capacity: int, rooms: list[int | None]) -> str | None:
-        """Why the workers cannot stage this target, or None: its weights, the pre-copied KV and one gap's chunks
-        in flight must fit in each new worker's free memory (and the staging limit). capacity: the new pool's
-        blocks; rooms: each new worker's answer to the staging step "room"."""
-        engine, cfg = self.engine, self.engine.model_config
-        live = sum(len(s.block_table) for s in engine.scheduler.running)
-        expected = math.ceil(live * GROWTH) + len(engine.scheduler.running)
+        """Why the workers cannot stage this target, or None: what each new worker stages must fit in its free
+        memory (and the staging limit). capacity: the new pool's blocks; rooms: each new worker's answer to the
+        staging step "room"."""
+        engine = self.engine
         if self.memory_limit == 0:
             return "staging memory is off (staging_memory = 0)"
-        for worker, room in zip(plan.new.workers, rooms):
-            shard = shard_of(cfg, plan.new, worker)
-            need = (self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard)
-                    + self.chunk_bytes * self.chunks_per_gap)
+        for worker, room, need in zip(plan.new.workers, rooms, self._needs(plan)):
             free = min(x for x in (room, self.memory_limit) if x is not None)
             if need > free:
                 what = "the staging limit allows" if free == self.memory_limit else "device memory has"
                 return f"staging needs {size(need)} on worker {worker}; {what} {size(free)}"
         needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
+        expected = self._expected_blocks()
         if self.is_cuda and capacity - expected < needed:
             return (f"with pre-copied KV held, the new pool would have {capacity - expected} blocks, "
                     f"{needed} needed for one {engine.max_model_len}-token sequence")
         return None
+
+    def blocks_to_give_back(self, plan: SwitchPlan, rooms: list[int | None]) -> int:
+        """The free blocks of the old pool whose memory would let every new worker stage: the fewest, with a
+        margin, since the rooms are measured again after; 0 where giving back cannot make it fit (the staging
+        limit binds, a new worker holds no old pool, or the live blocks, their growth and one longest sequence
+        would not fit in what is left)."""
+        engine, cfg = self.engine, self.engine.model_config
+        count = 0
+        for worker, room, need in zip(plan.new.workers, rooms, self._needs(plan)):
+            if room is None or need <= room:
+                continue
+            old = shard_of(cfg, plan.old, worker)
+            if old is None or (self.memory_limit is not None and need > self.memory_limit):
+                return 0
+            count = max(count, math.ceil((need - room) * GIVE_BACK_MARGIN / self.kv_block_bytes(old)))
+        blocks = engine.scheduler.blocks
+        keep = self._expected_blocks() + blocks.blocks_for(engine.max_model_len)
+        return count if count <= blocks.num_blocks - keep else 0
 
     def kv_block_bytes(self, shard) -> int:
         heads = kv_heads_per_rank(self.engine.model_config.num_kv_heads, shard.tp)

@@ -44,6 +44,17 @@ def spare_bytes(worker) -> int:
     return free + max(0, cached) - RESERVE_BYTES
 
 
+def staging_room(worker) -> int | None:
+    """Bytes a staged switch may stage in on this worker: spare_bytes on a GPU. On CPU None (the driver's limit
+    decides), but under the test budget that budget less the weights and the KV pool: there the pool counts, so
+    that giving its free blocks back makes room on CPU as it does on a GPU."""
+    if worker.device.type == "cuda":
+        return max(0, spare_bytes(worker))
+    if cpu_device_bytes() is None:
+        return None
+    return max(0, spare_bytes(worker) - worker.info()["kv_bytes"])
+
+
 def outside_allocator_bytes(worker) -> int:
     """Device memory this process holds outside PyTorch's allocator (CUDA context, NCCL buffers); 0 off CUDA."""
     if worker.device.type != "cuda":
