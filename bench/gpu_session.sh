@@ -72,9 +72,10 @@ for step in "$@"; do
             profile "${run%%:*}" "${DEVICES:-0,1,2,3}" "${run##*:}" brief
         done ;;
     staged)  # staged vs stop-the-world switches under load, llama2-7b shape: ~1-2 min checkpoint, ~3 min run;
-             # TOPOS: TP1PP4,TP2PP2,TP4PP1 on 4 devices, on 8 TP1PP8,TP2PP4,TP4PP2,TP8PP1 unless set
+             # TOPOS: TP1PP4,TP2PP2,TP4PP1 on 4 devices, on 8 TP1PP8,TP2PP4,TP4PP2,TP8PP1 unless set; DAEMON_ARGS:
+             # more rempd flags (--gpu-memory-utilization 0.95: a pool so large that staging must give blocks back)
         timeout "${LIMIT:-330}" python3 bench/staged_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
-            ${TOPOS:+--topologies "$TOPOS"} \
+            ${TOPOS:+--topologies "$TOPOS"} ${DAEMON_ARGS:+--daemon-args "$DAEMON_ARGS"} \
             --out "$OUT/staged_matrix_${SHAPE:-llama2-7b}.json" 2>&1 | grep -v '^\[rank' | tail -30 ;;
     soak)  # 200 random switches under streaming load, float32 so that greedy tokens are exact: about 5 minutes
         timeout "${LIMIT:-420}" python3 bench/soak.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,8 @@ async def run(model: Path, args) -> dict:
     topologies = matrix_topologies(args, TOPOLOGIES)
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/rempd.sock"
-        daemon = start_daemon(model, args.devices, topologies[0], port, sock, [], Path(args.out).with_suffix(".log"))
+        daemon = start_daemon(model, args.devices, topologies[0], port, sock, shlex.split(args.daemon_args),
+                              Path(args.out).with_suffix(".log"))
         try:
             results["startup_s"] = await wait_healthy(base, 1800)
             ctl = control(sock)
@@ -126,6 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_matrix_args(ap, max_tokens=128)
     ap.add_argument("--probes", type=int, default=4)
+    ap.add_argument("--daemon-args", default="", help="more `rempd serve` flags, e.g. --gpu-memory-utilization 0.95")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = ensure_checkpoint(args.checkpoints, args.shape)
