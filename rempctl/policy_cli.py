@@ -13,7 +13,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print the daemon's ans
 SloTtft = Annotated[float | None, typer.Option("--slo-ttft", min=0.001,
                                                help="objective for the p90 time to first token, seconds")]
 SloItl = Annotated[float | None, typer.Option("--slo-itl", min=0.0001,
-                                              help="objective for the p90 inter-token latency, seconds")]
+                                              help="objective for the p90 over requests of each one's inter-token "
+                                                   "latency, seconds")]
 
 policy_app = typer.Typer(help="The automatic topology policy: show it, turn it on (auto) or off (manual).",
                          no_args_is_help=True)

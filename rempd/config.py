@@ -75,7 +75,8 @@ class DaemonConfig:
     state_dir: str = _opt(DEFAULT_STATE_DIR, strict(str), "where rempd keeps state (profiles/ per model and devices)")
     policy: str = _opt("manual", strict(str), "topology policy at start: manual, or auto (needs profiles)")
     slo_ttft: float = _opt(1.0, positive, "policy objective: p90 time to first token, seconds")
-    slo_itl: float = _opt(0.1, positive, "policy objective: p90 inter-token latency, seconds")
+    slo_itl: float = _opt(0.1, positive, "policy objective: p90 over requests of each one's inter-token latency, "
+                          "(last token - first) / (tokens - 1), seconds")
     policy_window: float = _opt(30.0, positive, "seconds of observations the policy looks at")
     policy_dwell: float = _opt(60.0, positive, "least seconds between two switches the policy starts")
     policy_interval: float = _opt(1.0, positive, "seconds between two policy decisions")

@@ -87,11 +87,12 @@ def test_window_rates_percentiles_and_latencies_only_after_a_switch():
     for i in range(20):
         log.arrival(100 + i * 0.5)
         log.first_token(100 + i * 0.5, 0.1 * (i + 1))
-        log.finished(100 + i * 0.5, 64)
+        log.finished(100 + i * 0.5, 64, itl=0.01 * (i + 1))
         log.sample(100 + i * 0.5, 1 if i % 2 else 0, 2, 0.01 * i)
     o = log.window(109.75, 5.0)
     assert o.requests == 10 and o.arrival_rate == 2.0 and o.output_tokens_per_request == 64
     assert o.ttft_p90 == pytest.approx(1.9) and o.kv_usage == 0.19 and o.queue_len == 0.5 and not o.queue_always
+    assert o.itl_p90 == pytest.approx(0.19)  # of the 10 requests finished in the window, each one's own ITL
     assert log.window(109.75, 5.0, latency_since=109.0).ttft_p90 == 2.0
     assert percentile([], 0.9) is None and percentile([3.0, 1.0, 2.0], 0.5) == 2.0
 

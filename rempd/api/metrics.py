@@ -156,6 +156,7 @@ class RequestTimer:
         self.metrics = metrics
         self.arrival = self.last = time.monotonic()
         self.seen_token = False
+        self.first_token_at = 0.0
         self.observations = metrics.observations
         if self.observations is not None:
             self.observations.arrival(self.arrival)
@@ -167,20 +168,20 @@ class RequestTimer:
         now = time.monotonic()
         if self.seen_token:
             self.metrics.itl.observe(now - self.last)
-            if self.observations is not None:
-                self.observations.token_gap(now, now - self.last)
         else:
             self.metrics.ttft.observe(now - self.arrival)
             if self.observations is not None:
                 self.observations.first_token(now, now - self.arrival)
-            self.seen_token = True
+            self.seen_token, self.first_token_at = True, now
         self.last = now
 
     def finish(self, out: Any) -> None:
         self.metrics.record_finished(out.finish_reason or "unknown", out.prompt_tokens, out.completion_tokens,
                                      time.monotonic() - self.arrival)
         if self.observations is not None:
-            self.observations.finished(time.monotonic(), out.completion_tokens)
+            tokens = out.completion_tokens
+            itl = (self.last - self.first_token_at) / (tokens - 1) if self.seen_token and tokens > 1 else None
+            self.observations.finished(time.monotonic(), tokens, itl)
 
 
 def render_text(families: list[Family]) -> str:

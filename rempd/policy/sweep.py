@@ -151,7 +151,8 @@ class ProfileSweep:
             # a loop past saturation serves no more than the one before it, only slower
             rate = max(total / (time.monotonic() - begin), points[-1].rate if points else 0.0)
             ttft = percentile([t for t, _ in results if t is not None], 0.9) or 0.0
-            itl = percentile([g for _, gaps in results for g in gaps], 0.9) or 0.0
+            # per request, as the policy observes it (window.Observation.itl_p90)
+            itl = percentile([sum(gaps) / len(gaps) for _, gaps in results if gaps], 0.9) or 0.0
             points.append(ProfilePoint(rate, ttft, itl, total, "sweep"))
             log.info("profile %s: concurrency %d → %.2f requests/s, TTFT p90 %.3f s, ITL p90 %.4f s",
                      name, concurrency, rate, ttft, itl)
