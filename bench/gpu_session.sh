@@ -86,7 +86,8 @@ for step in "$@"; do
         timeout "${LIMIT:-550}" python3 bench/switch_matrix.py --shape "${SHAPE:-llama2-7b}" --devices "${DEVICES:-0,1,2,3}" \
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;
-    workload)  # fixed TOPOS (default: full_topos) vs auto over one day-shaped schedule (issue #6); ~8 min on 4 GPUs
+    workload)  # fixed TOPOS (default: full_topos) vs auto over one day-shaped schedule (issue #6); ~8 min on 4 GPUs;
+               # REMP_SWITCH_INTERVAL_S=0.005 runs the daemon and workers at Python's default GIL interval (rempd/gil.py)
         SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE; WL_TOPOS=${TOPOS:-$(full_topos)}
         FIRST=${WL_TOPOS%%,*}; FIRST_TP=${FIRST#TP}; FIRST_TP=${FIRST_TP%%PP*}
         [ -f "$CK/config.json" ] || python3 -m rempd make-checkpoint --shape "$SHAPE" --out "$CK"

@@ -25,6 +25,7 @@ from rempd.api.unix_socket import PeerPolicy, SocketError, bind_control_socket, 
 from rempd.config import DaemonConfig
 from rempd.console import StartupProgress
 from rempd.engine.config import EngineConfig
+from rempd.gil import set_switch_interval
 
 log = logging.getLogger("rempd")
 EngineFactory = Callable[[EngineConfig, Callable[[str, float], None]], Awaitable[Any]]
@@ -238,4 +239,5 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 def run(config: DaemonConfig, engine_factory: EngineFactory = create_engine) -> int:
     """The process's exit code: 0 after a drain, 1 when start-up fails or the engine cannot recover."""
+    set_switch_interval()
     return asyncio.run(Daemon(config, engine_factory).run())

@@ -150,3 +150,18 @@ def test_cli_make_checkpoint(tmp_path):
     result = CliRunner().invoke(cli.app, ["make-checkpoint", "--shape", "tiny-llama", "--out", str(tmp_path / "ck")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ck" / "config.json").is_file()
+
+
+def test_the_gil_switch_interval_is_rempds_unless_the_environment_says(monkeypatch):
+    import sys
+
+    from rempd.gil import SWITCH_INTERVAL_ENV, SWITCH_INTERVAL_S, set_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.delenv(SWITCH_INTERVAL_ENV, raising=False)
+        assert set_switch_interval() == SWITCH_INTERVAL_S == pytest.approx(sys.getswitchinterval())
+        monkeypatch.setenv(SWITCH_INTERVAL_ENV, "0.005")  # Python's default, for an A/B
+        assert set_switch_interval() == 0.005 == pytest.approx(sys.getswitchinterval())
+    finally:
+        sys.setswitchinterval(before)

@@ -19,7 +19,7 @@ from rempd.engine.outputs import EngineStats, RequestOutput
 from rempd.engine.sampling_params import SamplingParams
 from rempd.engine.switch_driver import SwitchDriver
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.transaction import Fault
+from rempd.migrate.phase_clock import Fault
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 

@@ -12,6 +12,13 @@ class BlockManager:
         self.block_size = block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
 
+    @classmethod
+    def holding(cls, num_blocks: int, block_size: int, num_used: int) -> "BlockManager":
+        """A pool whose ids 0..num_used-1 hold live blocks, moved there by a switch or a resize."""
+        blocks = cls(num_blocks, block_size)
+        blocks.free_blocks = deque(range(num_used, num_blocks))
+        return blocks
+
     @property
     def num_free(self) -> int:
         return len(self.free_blocks)

@@ -4,7 +4,6 @@ them again if it is given up. The live blocks move to ids 0..n-1 of the new pool
 sequences, and the live batch's decode graphs are captured again over it."""
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from rempd.engine.block_manager import BlockManager
@@ -22,9 +21,7 @@ def resize_pool(engine, num_blocks: int) -> float:
     for seq in holders:  # only once every worker moved them: a failed call leaves the old ids, and recovery
         seq.block_table = list(range(next_id, next_id + len(seq.block_table)))
         next_id += len(seq.block_table)
-    blocks = BlockManager(num_blocks, engine.config.block_size)
-    blocks.free_blocks = deque(range(next_id, num_blocks))
-    engine.scheduler.blocks = blocks
+    engine.scheduler.blocks = BlockManager.holding(num_blocks, engine.config.block_size, next_id)
     return capture_live_graphs(engine)
 
 

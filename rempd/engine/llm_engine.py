@@ -25,7 +25,8 @@ from rempd.engine.step_input import StepInput
 from rempd.engine.step_log import StepLog
 from rempd.migrate.predict import Price
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.transaction import Fault, SwitchTransaction
+from rempd.migrate.phase_clock import Fault
+from rempd.migrate.transaction import SwitchTransaction
 from rempd.model.checkpoint import Checkpoint
 from rempd.model.tokenizer import Tokenizer
 from rempd.shm_store.loader import load_into_store

@@ -15,7 +15,8 @@ from rempd.migrate.capacity import BudgetQuery, ask_budget, choose_pool, conclud
 from rempd.migrate.predict import plan_summary
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging import StagedSwitch, StagingOptions
-from rempd.migrate.transaction import Fault, make_plan, new_groups
+from rempd.migrate.phase_clock import Fault
+from rempd.migrate.transaction import make_plan, new_groups
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 from rempd.worker_pool.ticket import Ticket

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Callable
 
-from rempd.engine.block_manager import BlockManager
-from rempd.engine.graph_warmup import capture_live_graphs, expected_batch_sizes
+from rempd.engine.graph_warmup import expected_batch_sizes
 from rempd.engine.kv_resize import GivenBack
 from rempd.migrate.capacity import BudgetQuery, SwitchRefused, ask_budget, conclude_capacity
-from rempd.migrate.delta import CutLayout, PrecopyLedger
+from rempd.migrate.delta import PrecopyLedger
+from rempd.migrate.phase_clock import Fault, PhaseClock
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
 from rempd.migrate.staging_budget import StagingBudget, StagingOptions
+from rempd.migrate.staged_cut import StagedCut
 from rempd.migrate.staging_tasks import StagingTasks
-from rempd.migrate.transaction import Fault, SwitchTransaction, inject_fault, make_plan, tp_member_sets
+from rempd.migrate.transaction import SwitchTransaction, make_plan, tp_member_sets
 from rempd.topology import Placement, Topology
 from rempd.worker_pool.pool import WorkerError
 from rempd.worker_pool.ticket import Ticket
@@ -34,7 +34,8 @@ class StagedSwitch:
         self.engine, self.target, self.report, self.links = engine, target, report, links
         self.emit = emit  # hands the tokens of the steps the cut finishes to their streams before the cut's work
         self.requested_fault = fault
-        self.fault = (FAULT_PHASES.get(fault[0], fault[0]), fault[1]) if fault else None
+        # phases are the engine thread's seconds in them: staging ones add up across the gaps between steps
+        self.clock = PhaseClock(engine, report, (FAULT_PHASES.get(fault[0], fault[0]), fault[1]) if fault else None)
         self.is_cuda = engine.devices[0].startswith("cuda")
         self.budget = StagingBudget(engine, options, self.is_cuda)
         self.ledger = PrecopyLedger(engine.config.block_size)
@@ -50,20 +51,9 @@ class StagedSwitch:
         self.ticket: Ticket | None = None  # the question or staging work posted last, with its kind
         self.ticket_kind = ""
         self.loaded = False  # every worker's host-store loads are in
-        self.drained: list = []  # outputs of the steps the cut finished
-        self.finished = self.committed = False
+        self.cut: StagedCut | None = None
+        self.finished = False
         self.begun = time.perf_counter()
-
-    # ---- phases, timed as the seconds the engine thread spent in them (staging ones add up across steps)
-    def _enter(self, phase: str) -> float:
-        self.report.phase = phase
-        if self.fault and self.fault[0] == phase:
-            inject_fault(self.engine, phase, self.fault[1])
-            self.fault = None
-        return time.perf_counter()
-
-    def _leave(self, phase: str, start: float) -> None:
-        self.report.phases[phase] = self.report.phases.get(phase, 0.0) + time.perf_counter() - start
 
     @property
     def involved(self) -> list[int]:
@@ -76,14 +66,13 @@ class StagedSwitch:
         engine, report = self.engine, self.report
         report.mode = "staged"
         try:
-            start = self._enter("plan")
-            self.plan = make_plan(engine, self.target)
-            report.placement, report.bytes_by_source = list(self.plan.new.workers), self.plan.bytes_by_source
-            self.query = ask_budget(engine, self.plan)
-            self.ticket, self.ticket_kind = self.query.post(engine.pool), "budget"
-            # asked right behind the budget, so it is in (or nearly) once the budget is
-            self.room_ticket = engine.pool.post("staged", "room", workers=list(self.plan.new.workers))
-            self._leave("plan", start)
+            with self.clock.phase("plan"):
+                self.plan = make_plan(engine, self.target)
+                report.placement, report.bytes_by_source = list(self.plan.new.workers), self.plan.bytes_by_source
+                self.query = ask_budget(engine, self.plan)
+                self.ticket, self.ticket_kind = self.query.post(engine.pool), "budget"
+                # asked right behind the budget, so it is in (or nearly) once the budget is
+                self.room_ticket = engine.pool.post("staged", "room", workers=list(self.plan.new.workers))
         except SwitchRefused as exc:
             self._refuse(exc)
         except Exception as exc:  # noqa: BLE001
@@ -95,9 +84,15 @@ class StagedSwitch:
         stop-the-world where staging does not fit), or the pool blocks their staging starts with."""
         engine, replies, kind = self.engine, self.engine.pool.result(self.ticket), self.ticket_kind
         self.ticket = None
-        start = self._enter("plan")
-        outputs = []
-        if kind == "budget":
+        if kind == "begin":
+            with self.clock.phase("plan"):
+                # the first staged switch of a 4x H100 daemon held serving 1.2-1.4 s: this step took 0.27 s of it
+                self.report.add_staging("begin", [r.seconds for r in replies])
+                self.pool_blocks = min(r.pool_blocks for w, r in zip(self.involved, replies)
+                                       if w in self.plan.new.workers)
+                self.tasks = StagingTasks(self.budget.weight_chunks(self.plan), self.is_cuda and engine.config.cuda_graphs)
+            return []
+        with self.clock.phase("plan"):
             rooms, self.room_ticket = engine.pool.result(self.room_ticket), None
             try:
                 self.capacity = conclude_capacity(engine, self.query, replies)[0]
@@ -106,33 +101,26 @@ class StagedSwitch:
                 return []
             reason = self.budget.unfit(self.plan, self.capacity, rooms)
             count = self.budget.blocks_to_give_back(self.plan, rooms) if reason is not None else 0
-            if count:
-                self._leave("plan", start)
-                outputs, rooms = self._give_back(count)
-                start = self._enter("plan")
-                reason = self.budget.unfit(self.plan, self.capacity, rooms)
-                reason = reason and f"{reason}, with {count} free KV blocks given back"
-            if reason is not None:
-                return outputs + self._stop_the_world(reason)
+        outputs = []
+        if count:
+            outputs, rooms = self._give_back(count)
+            reason = self.budget.unfit(self.plan, self.capacity, rooms)
+            reason = reason and f"{reason}, with {count} free KV blocks given back"
+        if reason is not None:
+            return outputs + self._stop_the_world(reason)
+        with self.clock.phase("plan"):
             self._post("begin", "begin", self.plan, engine.config.block_size, engine.max_model_len)
-        else:
-            # the first staged switch of a 4x H100 daemon held serving 1.2-1.4 s: this step took 0.27 s of it
-            self.report.add_staging("begin", [r.seconds for r in replies])
-            self.pool_blocks = min(r.pool_blocks for w, r in zip(self.involved, replies) if w in self.plan.new.workers)
-            self.tasks = StagingTasks(self.budget.weight_chunks(self.plan), self.is_cuda and engine.config.cuda_graphs)
-        self._leave("plan", start)
         return outputs
 
     def _give_back(self, count: int) -> tuple[list, list]:
         """Shrink the old pool by `count` free blocks so that the target fits beside it, and ask the new workers'
         room again. A pause: the steps in flight drain, the live blocks move and the live batch's decode graphs
         are captured again (give_back_graph_capture). The outputs of the drained steps, and the rooms."""
-        start = self._enter("give_back")
-        outputs = self.engine.quiesce()
-        self.report.transform_detail["give_back_graph_capture"] = self.given_back.give(self.engine, count)
-        self.report.kv_blocks_given_back = count
-        rooms = self.engine.pool.call("staged", "room", workers=list(self.plan.new.workers))
-        self._leave("give_back", start)
+        with self.clock.phase("give_back"):
+            outputs = self.engine.quiesce()
+            self.report.transform_detail["give_back_graph_capture"] = self.given_back.give(self.engine, count)
+            self.report.kv_blocks_given_back = count
+            rooms = self.engine.pool.call("staged", "room", workers=list(self.plan.new.workers))
         return outputs, rooms
 
     def _refuse(self, exc: SwitchRefused) -> None:
@@ -169,13 +157,15 @@ class StagedSwitch:
             per_chunk = self.budget.blocks_per_chunk(self.old, self.plan.new)
             # full blocks are final and every step in flight writes later slots (delta.py): no quiesce needed
             if len(self.ledger.pending(running)) > per_chunk // 2 and self.precopy_rounds < MAX_PRECOPY_ROUNDS:
-                start = self._enter("precopy")
-                blocks = self.ledger.next_chunk(running, per_chunk * self.budget.chunks_per_gap)
-                self._post("precopy", "chunk", [], blocks)
-                self.precopy_rounds += 1
-                self._leave("precopy", start)
+                with self.clock.phase("precopy"):
+                    blocks = self.ledger.next_chunk(running, per_chunk * self.budget.chunks_per_gap)
+                    self._post("precopy", "chunk", [], blocks)
+                    self.precopy_rounds += 1
                 return []
-            return self._cut()
+            self.cut = StagedCut(self)
+            outputs = self.cut.run()
+            self._finish()
+            return outputs
         except Exception as exc:  # noqa: BLE001 - rolls back below, or re-raises after commit
             return self._fail(exc)
 
@@ -196,83 +186,27 @@ class StagedSwitch:
     def _post_gap(self) -> list:
         """Post one gap's work; the outputs of steps it finished first (only the groups' gap drains)."""
         kind = self.tasks.next_kind
-        phase = "groups" if kind == "groups" else "stage"
-        start = self._enter(phase)
-        blocks, sizes, engine, drained = 0, [], self.engine, []
-        if kind == "graphs":  # decode graphs of the new stages over the pool they will keep, captured while the
-            # old topology serves, so that the cut does not wait for them (only for a bucket the batch moved to)
-            blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
-            sizes = expected_batch_sizes(engine, self.plan.new.topology.pp) if kept else []
-        work = self.tasks.next_gap(self.loaded, self.budget.chunks_per_gap, sizes)
-        if work is not None and work.kind == "groups":
-            # the groups' first collectives and hand-offs run on the world group's links, which the steps in
-            # flight use too: the first staged switch of a 4x H100 run spent 1.1-1.4 s in them, behind those
-            # steps, where a stop-the-world switch's groups phase (steps drained) takes 1-5 ms
-            drained = engine.quiesce()
-            engine.built_groups |= tp_member_sets(self.plan.new)
-            self._post("groups", "groups", self.plan.new, workers=list(range(engine.pool.size)))
-        elif work is not None and work.kind == "graphs":
-            self._post("graphs", "graphs", blocks, engine.config.max_num_seqs, *work.args,
-                       workers=list(self.plan.new.workers))
-        elif work is not None:  # None: no graphs to capture
-            self._post(work.kind, work.op, *work.args)
-        self._leave(phase, start)
+        with self.clock.phase("groups" if kind == "groups" else "stage"):
+            blocks, sizes, engine, drained = 0, [], self.engine, []
+            if kind == "graphs":  # decode graphs of the new stages over the pool they will keep, captured while
+                # the old topology serves, so that the cut does not wait for them (only for a bucket the batch
+                # moved to)
+                blocks, kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity, self.ledger.num_copied)
+                sizes = expected_batch_sizes(engine, self.plan.new.topology.pp) if kept else []
+            work = self.tasks.next_gap(self.loaded, self.budget.chunks_per_gap, sizes)
+            if work is not None and work.kind == "groups":
+                # the groups' first collectives and hand-offs run on the world group's links, which the steps in
+                # flight use too: the first staged switch of a 4x H100 run spent 1.1-1.4 s in them, behind those
+                # steps, where a stop-the-world switch's groups phase (steps drained) takes 1-5 ms
+                drained = engine.quiesce()
+                engine.built_groups |= tp_member_sets(self.plan.new)
+                self._post("groups", "groups", self.plan.new, workers=list(range(engine.pool.size)))
+            elif work is not None and work.kind == "graphs":
+                self._post("graphs", "graphs", blocks, engine.config.max_num_seqs, *work.args,
+                           workers=list(self.plan.new.workers))
+            elif work is not None:  # None: no graphs to capture
+                self._post(work.kind, work.op, *work.args)
         return drained
-
-    def _cut(self) -> list:
-        engine, report = self.engine, self.report
-        start = self._enter("quiesce")
-        report.staging_seconds = start - self.begun
-        outputs = self.drained = engine.quiesce()  # the rollback hands them on if the cut fails
-        if self.emit is not None and outputs:
-            self.emit(outputs)
-            outputs = self.drained = []
-        # the steps in flight served until here (their tokens are out): the cut is timed from here, the drain is
-        # in the quiesce phase
-        cut = time.perf_counter()
-        live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
-        num_blocks, report.kv_pool_kept = self.budget.pool_at_cut(self.pool_blocks, self.capacity,
-                                                                  self.ledger.num_copied)
-        while sum(len(s.block_table) for s in live) > num_blocks:
-            engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
-            report.requests_preempted += 1
-        layout = self.ledger.layout(live)
-        report.requests_live = len(live)
-        report.kv_blocks_precopied, report.kv_blocks_delta = layout.num_precopied, len(layout.delta_old)
-        report.kv_blocks_migrated = layout.num_precopied + len(layout.delta_old)
-        self._leave("quiesce", start)
-
-        start = self._enter("delta")
-        results = engine.pool.call("staged", "cut", layout.delta_old, layout.delta_new, layout.precopied, num_blocks,
-                                   report.kv_pool_kept, workers=self.involved)
-        report.transform_detail["staging_overlapped_steps"] = max(r["overlapped_steps"] for r in results)
-        self._leave("delta", start)
-
-        start = self._enter("commit")
-        self._commit(layout, live, num_blocks)
-        self._leave("commit", start)
-        start = self._enter("resume")
-        self._leave("resume", start)
-        report.state = "committed"
-        report.cut_seconds = time.perf_counter() - cut
-        if outputs:
-            engine.last_output_at = time.perf_counter()
-        if live:
-            engine.pause_report = report  # closed by the first tokens after the cut
-        self._finish()
-        return outputs
-
-    def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:
-        engine = self.engine
-        for seq, table in zip(live, layout.new_tables):
-            seq.block_table = table
-        blocks = BlockManager(num_blocks, engine.config.block_size)
-        blocks.free_blocks = deque(range(sum(len(t) for t in layout.new_tables), num_blocks))
-        engine.scheduler.blocks = blocks
-        engine.placement = self.plan.new
-        # graphs bake in the pool's address: those captured while staging hold when the pool was kept
-        self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
-        self.committed = True
 
     def _fail(self, exc: Exception) -> list:
         """Back to the old topology. Before the cut the workers still serve it untouched: drop what was staged.
@@ -280,9 +214,9 @@ class StagedSwitch:
         respawns every worker, as in the stop-the-world transaction. Returns the outputs of the steps that were
         still in flight."""
         engine, report = self.engine, self.report
-        outputs = self.drained
+        outputs = self.cut.drained if self.cut else []
         report.error = f"{report.phase}: {exc}".splitlines()[0]
-        if self.committed:
+        if self.cut and self.cut.committed:
             self._finish()
             raise exc
         log.warning("staged switch %s failed in %s, rolling back: %s", report.id, report.phase, exc, exc_info=exc)

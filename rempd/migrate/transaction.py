@@ -5,10 +5,7 @@ daemon keeps serving either way and no request is lost (at worst it is recompute
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
-from collections import deque
 from dataclasses import asdict
 from typing import Callable
 
@@ -16,6 +13,7 @@ from rempd.engine.block_manager import BlockManager
 from rempd.engine.graph_warmup import capture_live_graphs, live_buckets
 from rempd.migrate.capacity import SwitchRefused, check_capacity, choose_pool
 from rempd.migrate.layer_steps import Step
+from rempd.migrate.phase_clock import Fault, PhaseClock
 from rempd.migrate.plan import SwitchPlan, plan_switch
 from rempd.migrate.predict import LinkSpeeds, phases_of, price
 from rempd.migrate.report import SwitchReport
@@ -24,18 +22,6 @@ from rempd.topology import Placement, Topology, TopologyError, check_topology
 from rempd.worker_pool.pool import WorkerError
 
 log = logging.getLogger("rempd.switch")
-Fault = tuple[str, str]  # (phase, "raise" | "kill" | "delay"): test-only fault injection
-
-
-def inject_fault(engine, phase: str, kind: str) -> None:
-    if kind == "kill":
-        os.kill(engine.pool.pids()[engine.placement.workers[-1]], signal.SIGKILL)
-    elif kind == "delay":
-        time.sleep(1.0)
-    else:
-        raise RuntimeError(f"injected fault in {phase}")
-
-
 
 
 def make_plan(engine, target: Topology | Placement, steps: list[Step] | None = None) -> SwitchPlan:
@@ -69,20 +55,8 @@ class SwitchTransaction:
                  keep_pool: bool = True):
         self.engine, self.target, self.report, self.links = engine, target, report, links
         self.keep_pool = keep_pool  # False: free and allocate the pool even where it could be kept
-        self.fault = fault
-        self.on_phase = on_phase or (lambda report: None)
+        self.clock = PhaseClock(engine, report, fault, on_phase)
         self.outputs: list = []  # request outputs produced while quiescing, for the caller to deliver
-
-    def _enter(self, phase: str) -> float:
-        self.report.phase = phase
-        self.on_phase(self.report)
-        if self.fault and self.fault[0] == phase:
-            kind, self.fault = self.fault[1], None
-            inject_fault(self.engine, phase, kind)
-        return time.perf_counter()
-
-    def _leave(self, phase: str, start: float) -> None:
-        self.report.phases[phase] = time.perf_counter() - start
 
     def run(self) -> SwitchReport:
         engine, report = self.engine, self.report
@@ -90,55 +64,48 @@ class SwitchTransaction:
         old = engine.placement
         committed = False
         try:
-            start = self._enter("plan")
-            plan = make_plan(engine, self.target)
-            report.plan_detail["placement"] = time.perf_counter() - start
-            fresh_blocks, kept_blocks = check_capacity(engine, plan)
-            report.plan_detail["capacity"] = time.perf_counter() - start - report.plan_detail["placement"]
-            num_blocks, report.kv_pool_kept = choose_pool(engine, fresh_blocks, kept_blocks)
-            if not self.keep_pool:
-                num_blocks, report.kv_pool_kept = fresh_blocks, False
-            self._leave("plan", start)
+            with self.clock.phase("plan") as start:
+                plan = make_plan(engine, self.target)
+                report.plan_detail["placement"] = time.perf_counter() - start
+                fresh_blocks, kept_blocks = check_capacity(engine, plan)
+                report.plan_detail["capacity"] = time.perf_counter() - start - report.plan_detail["placement"]
+                num_blocks, report.kv_pool_kept = choose_pool(engine, fresh_blocks, kept_blocks)
+                if not self.keep_pool:
+                    num_blocks, report.kv_pool_kept = fresh_blocks, False
 
-            start = self._enter("quiesce")
-            self.outputs += engine.quiesce()
-            live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
-            while sum(len(s.block_table) for s in live) > num_blocks:
-                engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
-                report.requests_preempted += 1
-            plan = make_plan(engine, plan.new, plan.layer_steps)  # the live KV is final now
-            report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
-            report.in_place = plan.in_place
-            buckets = live_buckets(engine, plan.new.topology.pp)
-            priced = price(plan, self.links, new_groups(engine, plan), not report.kv_pool_kept, buckets)
-            report.priced, report.predicted = asdict(priced), phases_of(priced, self.links)
-            report.requests_live = len(live)
-            self._leave("quiesce", start)
+            with self.clock.phase("quiesce"):
+                self.outputs += engine.quiesce()
+                live = sorted(engine.scheduler.running, key=lambda s: s.arrival)
+                while sum(len(s.block_table) for s in live) > num_blocks:
+                    engine.scheduler.preempt(live.pop())  # the youngest gives way, to be recomputed
+                    report.requests_preempted += 1
+                plan = make_plan(engine, plan.new, plan.layer_steps)  # the live KV is final now
+                report.placement, report.bytes_by_source = list(plan.new.workers), plan.bytes_by_source
+                report.in_place = plan.in_place
+                buckets = live_buckets(engine, plan.new.topology.pp)
+                priced = price(plan, self.links, new_groups(engine, plan), not report.kv_pool_kept, buckets)
+                report.priced, report.predicted = asdict(priced), phases_of(priced, self.links)
+                report.requests_live = len(live)
 
-            start = self._enter("groups")
-            engine.pool.call("prepare_groups", plan.new)
-            engine.built_groups |= tp_member_sets(plan.new)
-            self._leave("groups", start)
+            with self.clock.phase("groups"):
+                engine.pool.call("prepare_groups", plan.new)
+                engine.built_groups |= tp_member_sets(plan.new)
 
-            start = self._enter("transform")
-            live_blocks = [b for s in live for b in s.block_table]
-            involved = sorted(set(old.workers) | set(plan.new.workers))
-            max_len = engine.max_model_len
-            results = engine.pool.call("switch", plan, live_blocks, num_blocks, engine.config.block_size,
-                                       max_len, engine.config.switch_round_bytes, self.keep_pool,
-                                       workers=involved)
-            self._leave("transform", start)
+            with self.clock.phase("transform"):
+                live_blocks = [b for s in live for b in s.block_table]
+                involved = sorted(set(old.workers) | set(plan.new.workers))
+                results = engine.pool.call("switch", plan, live_blocks, num_blocks, engine.config.block_size,
+                                           engine.max_model_len, engine.config.switch_round_bytes, self.keep_pool,
+                                           workers=involved)
             report.add_transform(results)
 
-            start = self._enter("commit")
-            self._commit(plan, live, num_blocks)
-            committed = True
-            report.kv_blocks_migrated = len(live_blocks)
-            self._leave("commit", start)
+            with self.clock.phase("commit"):
+                self._commit(plan, live, num_blocks)
+                committed = True
+                report.kv_blocks_migrated = len(live_blocks)
 
-            start = self._enter("resume")
-            self._leave("resume", start)
-            report.state = "committed"
+            with self.clock.phase("resume"):
+                report.state = "committed"
         except SwitchRefused as exc:
             report.state, report.error = "refused", str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure before commit rolls back
@@ -149,20 +116,18 @@ class SwitchTransaction:
         finally:
             report.phase = None
             report.total_seconds = time.perf_counter() - begin
-            self.on_phase(report)
+            self.clock.on_phase(report)
         return report
 
     def _commit(self, plan: SwitchPlan, live: list, num_blocks: int) -> None:
         """Live blocks now sit compacted at ids 0..n-1 of the new pool; give each sequence its new ids."""
         engine = self.engine
-        blocks = BlockManager(num_blocks, engine.config.block_size)
         next_id = 0
         for seq in live:
             count = len(seq.block_table)
             seq.block_table = list(range(next_id, next_id + count))
             next_id += count
-        blocks.free_blocks = deque(range(next_id, num_blocks))
-        engine.scheduler.blocks = blocks
+        engine.scheduler.blocks = BlockManager.holding(num_blocks, engine.config.block_size, next_id)
         engine.placement = plan.new
         self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
 

@@ -9,6 +9,7 @@ from multiprocessing.connection import Client
 
 import torch
 
+from rempd.gil import set_switch_interval
 from rempd.worker_pool.pending_tokens import PendingTokens
 from rempd.worker_pool.worker import Worker
 from rempd.worker_pool.worker_setup import WorkerSetup
@@ -34,6 +35,7 @@ def worker_main(address: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // max(1, setup.world_size))))
+    set_switch_interval()
     try:
         worker = Worker(setup)
         conn.send(("ok", worker.info()))

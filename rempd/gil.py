@@ -1,0 +1,20 @@
+"""How long a Python thread may keep the GIL while another waits for it, set in the daemon and in each worker.
+
+The daemon's engine thread shares the GIL with the event loop that streams every token over HTTP; a worker's step
+thread shares it with its staging thread. Python's 5 ms default lets a busy thread keep the GIL that long after
+the other is ready to run, on every hand-off: in bench/gil_handoff.py a loop that waits for a 1 ms reply, then
+runs 0.1 ms of Python, took 16 ms a round beside a busy thread at 5 ms and 1.8-2.5 ms at 0.5 ms (1.1 ms alone).
+REMP_SWITCH_INTERVAL_S puts another value in, for an A/B on the serving path."""
+from __future__ import annotations
+
+import os
+import sys
+
+SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_ENV = "REMP_SWITCH_INTERVAL_S"
+
+
+def set_switch_interval() -> float:
+    seconds = float(os.environ.get(SWITCH_INTERVAL_ENV) or SWITCH_INTERVAL_S)
+    sys.setswitchinterval(seconds)
+    return seconds
