@@ -80,7 +80,8 @@ def stall_detail(report: dict) -> dict:
     """The staged report's figures that place a stall: the longest wait for a step's reply and gap between two
     replies, the background loads, and the slowest step of each staging kind (ms)."""
     detail = report.get("transform_detail") or {}
-    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads", "give_back_graph_capture",
+    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads", "staging_loads_host_seconds",
+            "staging_loads_stay_seconds", "give_back_graph_capture",
             *(k for k in detail if k.startswith("staging_") and k.endswith("_max"))]
     return {k.removeprefix("staging_"): round(1e3 * detail[k]) for k in keys if k in detail}
 

@@ -60,6 +60,11 @@ def test_staging_transfers_overlap_serving_steps_and_tokens_stay_identical(check
     # the longest gap between two replies, each within the switch
     for key in ("staging_loads", "staging_longest_step_wait", "staging_longest_reply_gap"):
         assert 0 < detail[key] < report.total_seconds, (key, detail)
+    # and, of the slowest worker's loads, each kind's time and bytes: half of its TP1PP2 layers stay (the rest
+    # comes from its peer), and a CPU worker's store is not page-locked
+    assert detail["staging_loads_stay_bytes"] > 0
+    assert 0 < detail["staging_loads_stay_seconds"] <= detail["staging_loads"], detail
+    assert detail["staging_loads_pinned"] == 0, detail
     # only the groups' gap drained the pipeline's micro-batches in flight (their collectives share the world
     # group's links with the steps); after every other gap the engine went back to stepping with them
     drained = [(before, after) for before, after in in_flight if after != before]

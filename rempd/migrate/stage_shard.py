@@ -57,6 +57,7 @@ class ShardStaging:
         self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
         self.load_seconds = 0.0  # the background loads' wall time, host-store and own rows, device work included
+        self.load_detail: dict[str, float] = {"pinned": float(getattr(worker, "pinned", False))}
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
 
@@ -65,22 +66,29 @@ class ShardStaging:
         return self.rows[piece.name][piece.start - start:piece.stop - start]
 
     def _load_local(self) -> None:
-        """Rows from the host store and rows this worker holds already: no peer takes part."""
+        """Rows from the host store, then rows this worker holds already: no peer takes part. Each kind is timed
+        to its last copy's end (load_detail), to tell a slow host load from device copies held up."""
         worker, began = self.worker, time.perf_counter()
         side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
         try:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                for piece in self.plan.weights:
-                    if piece.dst != self.me or piece.source == "peer":
-                        continue
-                    if piece.src is None:
-                        rows = worker.store.rows(piece.name, piece.start, piece.stop)
-                        self._target(piece).copy_(rows, non_blocking=side is not None)
-                    else:
-                        start = self.old_rows[piece.name][0]
-                        self._target(piece).copy_(self.old_weights[piece.name][piece.start - start:piece.stop - start])
-            if side is not None:
-                side.synchronize()
+                for kind in ("host", "stay"):
+                    start, nbytes = time.perf_counter(), 0
+                    for piece in self.plan.weights:
+                        if piece.dst != self.me or piece.source != kind:
+                            continue
+                        nbytes += piece.nbytes
+                        if kind == "host":
+                            rows = worker.store.rows(piece.name, piece.start, piece.stop)
+                            self._target(piece).copy_(rows, non_blocking=side is not None)
+                        else:
+                            start_row = self.old_rows[piece.name][0]
+                            self._target(piece).copy_(
+                                self.old_weights[piece.name][piece.start - start_row:piece.stop - start_row])
+                    if side is not None:
+                        side.synchronize()
+                    self.load_detail[f"{kind}_seconds"] = time.perf_counter() - start
+                    self.load_detail[f"{kind}_bytes"] = nbytes
         except BaseException as exc:  # noqa: BLE001 - raised on the RPC thread by build()
             self.error = exc
         self.load_seconds = time.perf_counter() - began

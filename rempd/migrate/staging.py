@@ -90,7 +90,8 @@ class StagedSwitch:
                 self.report.add_staging("begin", [r.seconds for r in replies])
                 self.pool_blocks = min(r.pool_blocks for w, r in zip(self.involved, replies)
                                        if w in self.plan.new.workers)
-                self.tasks = StagingTasks(self.budget.weight_chunks(self.plan), self.is_cuda and engine.config.cuda_graphs)
+                self.tasks = StagingTasks(self.budget.weight_chunks(self.plan),
+                                          self.is_cuda and engine.config.cuda_graphs)
             return []
         with self.clock.phase("plan"):
             rooms, self.room_ticket = engine.pool.result(self.room_ticket), None
@@ -181,7 +182,10 @@ class StagedSwitch:
             self.loaded = all(r.loaded for r in replies)
         self.report.add_staging(kind, [r.seconds for r in replies])
         if kind == "build":
-            self.report.transform_detail["staging_loads"] = max(r.load_seconds for r in replies)
+            detail = self.report.transform_detail
+            detail["staging_loads"] = max(r.load_seconds for r in replies)
+            slowest = max(replies, key=lambda r: r.load_seconds)
+            detail.update({f"staging_loads_{k}": v for k, v in (slowest.load_detail or {}).items()})
 
     def _post_gap(self) -> list:
         """Post one gap's work; the outputs of steps it finished first (only the groups' gap drains)."""
