@@ -30,6 +30,24 @@ class KVShape:
     def blocks_in(self, buffer: torch.Tensor) -> int:
         return buffer.numel() // self.bytes_per_block
 
+    def allocate_holding(self, num_blocks: int, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw bytes, view) of a pool of up to `num_blocks` whose first blocks are `live` ([layers, 2, n, ...]).
+        Fewer where the device lacks the room: a pool growing back may find less than it left, since groups built
+        meanwhile hold NCCL buffers."""
+        if live.device.type == "cuda":
+            torch.cuda.empty_cache()  # else a pool freed just before stays cached, in pieces others may not reuse
+        while True:
+            try:
+                buffer = self.allocate(num_blocks, live.device)
+                break
+            except torch.OutOfMemoryError:
+                if num_blocks <= live.shape[2]:
+                    raise
+                num_blocks = max(live.shape[2], num_blocks * 9 // 10)
+        pool = self.view(buffer, num_blocks)
+        pool[:, :, :live.shape[2]] = live
+        return buffer, pool
+
 
 def kv_budget_bytes(device: torch.device, cpu_bytes: int, gpu_memory_utilization: float,
                     reserve_bytes: int) -> int:

@@ -11,12 +11,14 @@ from rempd.engine.graph_warmup import capture_live_graphs
 
 
 def resize_pool(engine, num_blocks: int) -> float:
-    """Every active worker's pool now holds `num_blocks`. Seconds the live batch's graph capture took."""
+    """Every active worker's pool now holds `num_blocks`, or as many as the fullest device fits. Seconds the live
+    batch's graph capture took."""
     holders = [seq for seq in engine.scheduler.running if seq.block_table]
     old_ids = [block for seq in holders for block in seq.block_table]
     if len(old_ids) > num_blocks:
         raise ValueError(f"a pool of {num_blocks} KV blocks cannot hold the {len(old_ids)} live ones")
-    engine.pool.call("resize_pool", num_blocks, old_ids, list(range(len(old_ids))), workers=engine.active)
+    held = engine.pool.call("resize_pool", num_blocks, old_ids, workers=engine.active)
+    num_blocks = min(held)  # ids are shared by every worker: a pool that got more leaves its tail unused
     next_id = 0
     for seq in holders:  # only once every worker moved them: a failed call leaves the old ids, and recovery
         seq.block_table = list(range(next_id, next_id + len(seq.block_table)))

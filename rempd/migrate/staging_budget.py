@@ -38,15 +38,16 @@ class StagingBudget:
             self.memory_limit = engine.config.kv_cache_memory
         self.geo = ModelGeometry(engine.model_config, engine.template.dtype)
 
-    def _needs(self, plan: SwitchPlan) -> list[int]:
+    def stage_bytes(self, plan: SwitchPlan) -> list[int]:
         """Bytes each new worker stages: its weights, the pre-copied KV (live blocks and their growth) and one
         gap's chunks in flight."""
-        cfg, expected = self.engine.model_config, self._expected_blocks()
+        cfg, expected = self.engine.model_config, self.expected_blocks()
         in_flight = self.chunk_bytes * self.chunks_per_gap
         return [self.geo.weight_bytes(shard) + expected * self.kv_block_bytes(shard) + in_flight
                 for shard in (shard_of(cfg, plan.new, w) for w in plan.new.workers)]
 
-    def _expected_blocks(self) -> int:
+    def expected_blocks(self) -> int:
+        """Live KV blocks by the cut: the running sequences' blocks, a quarter more for growth, and one more each."""
         running = self.engine.scheduler.running
         return math.ceil(sum(len(s.block_table) for s in running) * GROWTH) + len(running)
 
@@ -57,13 +58,13 @@ class StagingBudget:
         engine = self.engine
         if self.memory_limit == 0:
             return "staging memory is off (staging_memory = 0)"
-        for worker, room, need in zip(plan.new.workers, rooms, self._needs(plan)):
+        for worker, room, need in zip(plan.new.workers, rooms, self.stage_bytes(plan)):
             free = min(x for x in (room, self.memory_limit) if x is not None)
             if need > free:
                 what = "the staging limit allows" if free == self.memory_limit else "device memory has"
                 return f"staging needs {size(need)} on worker {worker}; {what} {size(free)}"
         needed = engine.scheduler.blocks.blocks_for(engine.max_model_len)
-        expected = self._expected_blocks()
+        expected = self.expected_blocks()
         if self.is_cuda and capacity - expected < needed:
             return (f"with pre-copied KV held, the new pool would have {capacity - expected} blocks, "
                     f"{needed} needed for one {engine.max_model_len}-token sequence")
@@ -76,7 +77,7 @@ class StagingBudget:
         would not fit in what is left)."""
         engine, cfg = self.engine, self.engine.model_config
         count = 0
-        for worker, room, need in zip(plan.new.workers, rooms, self._needs(plan)):
+        for worker, room, need in zip(plan.new.workers, rooms, self.stage_bytes(plan)):
             if room is None or need <= room:
                 continue
             old = shard_of(cfg, plan.old, worker)
@@ -84,7 +85,7 @@ class StagingBudget:
                 return 0
             count = max(count, math.ceil((need - room) * GIVE_BACK_MARGIN / self.kv_block_bytes(old)))
         blocks = engine.scheduler.blocks
-        keep = self._expected_blocks() + blocks.blocks_for(engine.max_model_len)
+        keep = self.expected_blocks() + blocks.blocks_for(engine.max_model_len)
         return count if count <= blocks.num_blocks - keep else 0
 
     def kv_block_bytes(self, shard) -> int:

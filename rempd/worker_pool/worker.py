@@ -163,19 +163,17 @@ class Worker:
         self.kv_buffer = shape.allocate(num_blocks, self.device)
         return shape.view(self.kv_buffer, num_blocks)
 
-    def resize_pool(self, num_blocks: int, old_ids: list[int], new_ids: list[int]) -> None:
-        """A pool of `num_blocks` for this one, its live blocks moved from old_ids to new_ids (engine/kv_resize.py).
-        The old pool goes back to the device before the new one is allocated: only the live blocks are held twice."""
+    def resize_pool(self, num_blocks: int, live_ids: list[int]) -> int:
+        """A pool of up to `num_blocks` for this one, holding its blocks live_ids at ids 0..n-1 (engine/kv_resize.py):
+        the blocks it holds. The old pool goes back to the device first: only the live blocks are held twice."""
         if self.kv is None:
-            return
+            return num_blocks
         self.runner.drop_graphs()  # they hold the old pool's address, and would keep it alive
-        live = self.kv[:, :, torch.tensor(old_ids, device=self.device)]
+        live = self.kv[:, :, torch.tensor(live_ids, device=self.device)]
         self.kv = self.kv_buffer = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # else the freed pool stays cached, in pieces a staged shard may not reuse
-        self.kv = self.new_pool(self.kv_shape, num_blocks)
-        self.kv[:, :, torch.tensor(new_ids, device=self.device)] = live
+        self.kv_buffer, self.kv = self.kv_shape.allocate_holding(num_blocks, live)
         self._sync()
+        return self.kv.shape[2]
 
     def drop_pool(self) -> None:
         self.kv = self.kv_buffer = None
