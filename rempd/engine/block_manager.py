@@ -19,6 +19,17 @@ class BlockManager:
         blocks.free_blocks = deque(range(num_used, num_blocks))
         return blocks
 
+    @classmethod
+    def renumbered(cls, seqs: list[Sequence], num_blocks: int, block_size: int) -> "BlockManager":
+        """A pool whose ids 0..n-1 hold the blocks of `seqs`, in their order (where a switch or a resize moved
+        them): each sequence takes its new ids."""
+        next_id = 0
+        for seq in seqs:
+            count = len(seq.block_table)
+            seq.block_table = list(range(next_id, next_id + count))
+            next_id += count
+        return cls.holding(num_blocks, block_size, next_id)
+
     @property
     def num_free(self) -> int:
         return len(self.free_blocks)

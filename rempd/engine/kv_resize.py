@@ -18,12 +18,9 @@ def resize_pool(engine, num_blocks: int) -> float:
     if len(old_ids) > num_blocks:
         raise ValueError(f"a pool of {num_blocks} KV blocks cannot hold the {len(old_ids)} live ones")
     held = engine.pool.call("resize_pool", num_blocks, old_ids, workers=engine.active)
-    num_blocks = min(held)  # ids are shared by every worker: a pool that got more leaves its tail unused
-    next_id = 0
-    for seq in holders:  # only once every worker moved them: a failed call leaves the old ids, and recovery
-        seq.block_table = list(range(next_id, next_id + len(seq.block_table)))
-        next_id += len(seq.block_table)
-    engine.scheduler.blocks = BlockManager.holding(num_blocks, engine.config.block_size, next_id)
+    # renumbered once every worker moved the blocks (a failed call leaves the old ids to the recovery); ids are
+    # shared by every worker, so a pool that got more than the smallest leaves its tail unused
+    engine.scheduler.blocks = BlockManager.renumbered(holders, min(held), engine.config.block_size)
     return capture_live_graphs(engine)
 
 

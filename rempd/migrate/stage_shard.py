@@ -57,7 +57,7 @@ class ShardStaging:
         self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
         self.load_seconds = 0.0  # the background loads' wall time, host-store and own rows, device work included
-        self.load_detail: dict[str, float] = {"pinned": float(getattr(worker, "pinned", False))}
+        self.load_detail: dict[str, float] = {"pinned": float(worker.pinned)}
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
 

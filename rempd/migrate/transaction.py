@@ -122,12 +122,7 @@ class SwitchTransaction:
     def _commit(self, plan: SwitchPlan, live: list, num_blocks: int) -> None:
         """Live blocks now sit compacted at ids 0..n-1 of the new pool; give each sequence its new ids."""
         engine = self.engine
-        next_id = 0
-        for seq in live:
-            count = len(seq.block_table)
-            seq.block_table = list(range(next_id, next_id + count))
-            next_id += count
-        engine.scheduler.blocks = BlockManager.holding(num_blocks, engine.config.block_size, next_id)
+        engine.scheduler.blocks = BlockManager.renumbered(live, num_blocks, engine.config.block_size)
         engine.placement = plan.new
         self.report.transform_detail["graph_capture"] = capture_live_graphs(engine)
 
