@@ -1,7 +1,7 @@
 """The GIL hand-off behind rempd/gil.py: a thread that waits for a reply from another thread (1 ms, the GIL
 released meanwhile, as a worker's step), then runs ~0.1 ms of Python (the engine's own work), timed per round
 alone and beside a thread that runs Python without pause (the event loop streaming tokens), at Python's default
-switch interval and at rempd's. CPU only; prints one line per case.
+switch interval and at the one the serving A/B tries (rempd/gil.py). CPU only; prints one line per case.
 
     python bench/gil_handoff.py [--rounds 300]
 """
@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from rempd.gil import SWITCH_INTERVAL_S
+from rempd.gil import CANDIDATE_INTERVAL_S
 
 
 def rounds(interval: float, busy: bool, count: int) -> list[float]:
@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=300)
     args = ap.parse_args()
-    for interval in (0.005, SWITCH_INTERVAL_S):
+    for interval in (0.005, CANDIDATE_INTERVAL_S):
         for busy in (False, True):
             t = sorted(rounds(interval, busy, args.rounds))
             print(f"switch interval {interval * 1e3:.1f} ms, {'beside a busy thread' if busy else 'alone':>20}: "

@@ -87,7 +87,7 @@ for step in "$@"; do
             --restart-only ${RESTART_TOPOS:+--restart-topologies "$RESTART_TOPOS"} \
             --out "$OUT/restart_${SHAPE:-llama2-7b}.json" 2>&1 | tail -20 ;;
     workload)  # fixed TOPOS (default: full_topos) vs auto over one day-shaped schedule (issue #6); ~8 min on 4 GPUs;
-               # REMP_SWITCH_INTERVAL_S=0.005 runs the daemon and workers at Python's default GIL interval (rempd/gil.py)
+               # REMP_SWITCH_INTERVAL_S=0.0005 runs the daemon and workers at a 0.5 ms GIL interval (rempd/gil.py)
         SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE; WL_TOPOS=${TOPOS:-$(full_topos)}
         FIRST=${WL_TOPOS%%,*}; FIRST_TP=${FIRST#TP}; FIRST_TP=${FIRST_TP%%PP*}
         [ -f "$CK/config.json" ] || python3 -m rempd make-checkpoint --shape "$SHAPE" --out "$CK"

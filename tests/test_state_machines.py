@@ -204,3 +204,36 @@ TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = MACHINE
 TestSwitchPlans = SwitchPlanMachine.TestCase
 TestSwitchPlans.settings = settings(MACHINE, max_examples=30, stateful_step_count=12)
+
+
+def test_a_switch_report_and_the_step_log_can_be_read_while_the_engine_thread_writes_them():
+    """The API serializes a report, and reads the step log for /v1/status, while the engine thread writes both."""
+    import sys
+    import threading
+
+    from rempd.engine.step_log import StepLog
+    from rempd.migrate.report import SwitchReport
+
+    report, log, stop = SwitchReport(id="s", source="a", target="b"), StepLog(("sent", "replied")), threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            report.transform_detail[f"k{i % 64}"] = float(i)
+            if i % 64 == 0:
+                report.transform_detail.clear()
+            log.add(float(i), float(i) + 1)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # a thread switch at nearly every bytecode: a race shows within these reads
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(2000):
+            assert report.to_dict()["id"] == "s"
+            assert log.median_ms(("sent", "replied")) == 1000.0
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(before)

@@ -24,12 +24,18 @@ class StepLog:
     def clear(self) -> None:
         self.rows.clear()
 
+    def snapshot(self) -> list[tuple]:
+        """The rows, copied in one C call: the API reads them while the engine thread appends (iterating the deque
+        itself there raises "deque mutated during iteration")."""
+        return list(self.rows)
+
     def median_ms(self, *spans: tuple[str, str]) -> float:
         """Median over the logged steps of the summed spans (from stamp, to stamp), in milliseconds."""
-        if not self.rows:
+        rows = self.snapshot()
+        if not rows:
             return 0.0
         pairs = [(self.stamps.index(a), self.stamps.index(b)) for a, b in spans]
-        return 1e3 * statistics.median(sum(row[b] - row[a] for a, b in pairs) for row in self.rows)
+        return 1e3 * statistics.median(sum(row[b] - row[a] for a, b in pairs) for row in rows)
 
     def since(self, start: float) -> list[dict[str, float]]:
         """The rows whose first stamp is at or after `start`."""
@@ -37,4 +43,4 @@ class StepLog:
 
     def to_dicts(self) -> list[dict[str, float]]:
         names = self.stamps + self.extras
-        return [dict(zip(names, row)) for row in self.rows]
+        return [dict(zip(names, row)) for row in self.snapshot()]

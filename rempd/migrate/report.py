@@ -1,8 +1,9 @@
 """What a switch did and where its time went; kept in the daemon's history. No torch."""
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 PHASES = ("plan", "quiesce", "groups", "transform", "commit", "resume")
 # a staged switch: plan and stage while the old topology serves, then the cut (quiesce, delta, commit, resume)
@@ -80,7 +81,15 @@ class SwitchReport:
             self.transform_detail["staging_longest_step_wait"] = max(s["replied"] - s["sent"] for s in steps)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A snapshot, taken by the API while the engine thread may still be writing the report: each dict field is
+        copied in one C call, which no thread switch can split, before asdict walks the copies (walking the live
+        dicts raised "dictionary changed size during iteration", and GET /v1/switches/ID answered 500)."""
+        snapshot = copy.copy(self)
+        for f in fields(self):
+            value = getattr(snapshot, f.name)
+            if isinstance(value, dict):
+                setattr(snapshot, f.name, value.copy())
+        return asdict(snapshot)
 
     @property
     def done(self) -> bool:
