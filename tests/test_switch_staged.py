@@ -139,6 +139,29 @@ def test_staging_memory_refused_falls_back_to_stop_the_world(checkpoints, start_
     assert texts == expected
 
 
+def test_a_target_that_does_not_fit_beside_the_pool_stages_after_free_blocks_are_given_back(checkpoints,
+                                                                                             start_daemon):
+    from rempd.worker_pool.device_memory import CPU_DEVICE_BYTES_ENV
+
+    # each CPU worker counts as a device of its 64 MiB pool and 700 kB more: tiny-llama's 428 kB TP1PP2 shard
+    # leaves no room to stage its TP2PP1 one (test_staging_give_back.py has the figures)
+    small = start_daemon(checkpoints["tiny-llama"], tp=1, pp=2, workers=2,
+                         env={CPU_DEVICE_BYTES_ENV: str((64 << 20) + 700_000)})
+    shown = small.rempctl("switch", "--tp", "2", "--pp", "1", "--staged")
+    assert shown.returncode == 0 and "mode staged" in shown.stdout, shown.stdout
+    assert "free KV blocks given back to stage the target" in shown.stdout, shown.stdout
+    # and back while requests stream: the pool kept at the cut is the smaller one, but the live KV pre-copied
+    # beside it needs more room again
+    client = OpenAI(base_url=f"{small.base_url}/v1", api_key="none")
+    expected = [client.completions.create(model=small.model_name, prompt=p, max_tokens=48, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS[:2]]
+    texts, reports, _ = asyncio.run(stream_through(small, [(1, 2)], prompts=PROMPTS[:2], max_tokens=48))
+    report = reports[0]
+    assert (report["state"], report["mode"], report["mode_reason"]) == ("committed", "staged", None), report
+    assert report["kv_blocks_given_back"] > 0 and report["phases"]["give_back"] > 0, report
+    assert report["requests_preempted"] == 0 and texts == expected
+
+
 @pytest.mark.parametrize("phase, kind", [("groups", "kill"), ("transform", "raise")])  # staging, then the cut
 def test_a_fault_while_staging_or_in_the_cut_rolls_back_and_serving_goes_on(daemon, reference, phase, kind):
     with daemon.control() as ctl:

@@ -18,7 +18,7 @@ from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.reshard import PieceKey, pack_kv, post_round
 from rempd.migrate.reshard_times import ReshardTimes
 from rempd.migrate.shards import shard_of
-from rempd.worker_pool.device_memory import pool_blocks
+from rempd.worker_pool.device_memory import empty_tensors, pool_blocks
 from rempd.worker_pool.stage_builder import build_stage
 
 STAGING_TAG = 1  # staging transfers stay in flight while steps hand activations on between stages (tag 0)
@@ -47,8 +47,8 @@ class ShardStaging:
         self.old_weights = worker.stage.named_weights() if worker.stage is not None else {}
         self.old_rows = geo.holdings(self.old_shard) if self.old_shard else {}
         self.new_rows = geo.holdings(self.new_shard) if self.new_shard else {}
-        self.rows = {name: torch.empty(b - a, *self.worker.row_shape(name), dtype=worker.dtype, device=worker.device)
-                     for name, (a, b) in self.new_rows.items()}
+        self.rows = empty_tensors(worker, {name: (b - a, *worker.row_shape(name))
+                                           for name, (a, b) in self.new_rows.items()})
         self.precopy: list[dict[int, torch.Tensor]] = []  # per chunk: KV piece index → [layers, 2, n, ...]
         self.stage = None
         self.kv_view: torch.Tensor | None = None  # the kept pool in the new shape, as the staged graphs saw it

@@ -169,7 +169,7 @@ class Worker:
         if self.kv is None:
             return num_blocks
         self.runner.drop_graphs()  # they hold the old pool's address, and would keep it alive
-        live = self.kv[:, :, torch.tensor(live_ids, device=self.device)]
+        live = self.kv[:, :, torch.tensor(live_ids, dtype=torch.long, device=self.device)]
         self.kv = self.kv_buffer = None
         self.kv_buffer, self.kv = self.kv_shape.allocate_holding(num_blocks, live)
         self._sync()
