@@ -56,8 +56,9 @@ class ShardStaging:
         self.in_flight: ChunkTransfer | None = None
         self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
-        self.load_seconds = 0.0  # the background loads' wall time, host-store and own rows, device work included
-        self.load_detail: dict[str, float] = {"pinned": float(worker.pinned)}
+        # the background loads: their wall time ("seconds", device work included), each kind's seconds and bytes,
+        # and whether the store is page-locked
+        self.loads: dict[str, float] = {"pinned": float(worker.pinned)}
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
 
@@ -67,7 +68,7 @@ class ShardStaging:
 
     def _load_local(self) -> None:
         """Rows from the host store, then rows this worker holds already: no peer takes part. Each kind is timed
-        to its last copy's end (load_detail), to tell a slow host load from device copies held up."""
+        to its last copy's end (loads), to tell a slow host load from device copies held up."""
         worker, began = self.worker, time.perf_counter()
         side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
         try:
@@ -87,11 +88,11 @@ class ShardStaging:
                                 self.old_weights[piece.name][piece.start - start_row:piece.stop - start_row])
                     if side is not None:
                         side.synchronize()
-                    self.load_detail[f"{kind}_seconds"] = time.perf_counter() - start
-                    self.load_detail[f"{kind}_bytes"] = nbytes
+                    self.loads[f"{kind}_seconds"] = time.perf_counter() - start
+                    self.loads[f"{kind}_bytes"] = nbytes
         except BaseException as exc:  # noqa: BLE001 - raised on the RPC thread by build()
             self.error = exc
-        self.load_seconds = time.perf_counter() - began
+        self.loads["seconds"] = time.perf_counter() - began
 
     def _kv_shape_of(self, num_blocks: int):
         cfg = self.worker.setup.model

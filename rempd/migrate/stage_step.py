@@ -17,8 +17,7 @@ class StagedReply:
     seconds: float
     loaded: bool = True
     pool_blocks: int = 0  # to "begin": blocks of the target's shape this worker's pool memory holds
-    load_seconds: float = 0.0  # to "build": how long the background loads ran (ShardStaging.load_seconds)
-    load_detail: dict | None = None  # to "build": seconds and bytes per kind of load, and whether the store is pinned
+    loads: dict | None = None  # to "build": the background loads' times and bytes (ShardStaging.loads)
 
 
 def stage_step(worker, op: str, *args) -> object:
@@ -45,8 +44,8 @@ def stage_step(worker, op: str, *args) -> object:
             staging.build()
         elif op == "graphs":
             staging.graphs(*args)
-        return StagedReply(time.perf_counter() - start, staging.loaded(), load_seconds=staging.load_seconds,
-                           load_detail=staging.load_detail if op == "build" else None)
+        return StagedReply(time.perf_counter() - start, staging.loaded(),
+                           loads=staging.loads if op == "build" else None)
     if op in ("cut", "abort"):
         worker.staging = None
         return staging.cut(*args) if op == "cut" else staging.abort()

@@ -183,9 +183,9 @@ class StagedSwitch:
         self.report.add_staging(kind, [r.seconds for r in replies])
         if kind == "build":
             detail = self.report.transform_detail
-            detail["staging_loads"] = max(r.load_seconds for r in replies)
-            slowest = max(replies, key=lambda r: r.load_seconds)
-            detail.update({f"staging_loads_{k}": v for k, v in (slowest.load_detail or {}).items()})
+            slowest = max((r.loads for r in replies), key=lambda loads: loads["seconds"])
+            detail["staging_loads"] = slowest["seconds"]
+            detail.update({f"staging_loads_{k}": v for k, v in slowest.items() if k != "seconds"})
 
     def _post_gap(self) -> list:
         """Post one gap's work; the outputs of steps it finished first (only the groups' gap drains)."""

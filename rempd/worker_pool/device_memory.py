@@ -53,7 +53,8 @@ def staging_room(worker) -> int | None:
         return max(0, spare_bytes(worker))
     if cpu_device_bytes() is None:
         return None
-    return max(0, spare_bytes(worker) - worker.info()["kv_bytes"])
+    held = worker.info()
+    return max(0, cpu_device_bytes() - held["weight_bytes"] - held["kv_bytes"])
 
 
 def empty_tensors(worker, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
