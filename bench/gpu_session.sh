@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: install the carried wheels, then run the steps named as arguments, in order.
 # Writes logs and JSON under $OUT. Usage:
-#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|decode_async|decode_tp|staged|workload|soak ...
+#   bash bench/gpu_session.sh tests|inplace|checkpoint|matrix|restart|decode|decode_profile|decode_async|decode_tp|staged|workload|gil_ab|soak ...
 set -uo pipefail
 # bench/decode_profile.py at topology $1 on devices $2, "sync" or "async" ($3) tokens: the full printout and JSON
 # under $OUT; shown here, its last 40 lines, or with $4 = brief each batch's summary and its 6 largest kernels
@@ -101,6 +101,21 @@ for step in "$@"; do
             --slo-ttft profile --slo-itl profile --duration "${DURATION:-56}" --prompt-tokens 256 --output-tokens 64 \
             --keep-records --out "$OUT/workload_$SHAPE.json" --plot "$OUT/workload_$SHAPE.png" 2>&1 | tee "$OUT/workload.log" | tail -40
         kill -TERM $RPID; wait $RPID ;;
+    gil_ab)  # the GIL interval A/B (rempd/gil.py): one daemon at Python's 5 ms, one at 0.5 ms, each serving RATE
+             # requests/s (40) for 20 s at TP4PP1 then TP2PP2; per-request ITL and TTFT side by side (~3 min, 7B)
+        SHAPE=${SHAPE:-llama2-7b}; CK=/tmp/remp-checkpoints/$SHAPE
+        [ -f "$CK/config.json" ] || python3 -m rempd make-checkpoint --shape "$SHAPE" --out "$CK"
+        for interval in "" 0.0005; do
+            REMP_SWITCH_INTERVAL_S=$interval python3 -m rempd serve --model "$CK" --devices "${DEVICES:-0,1,2,3}" \
+                --tp 4 --pp 1 --port 18101 --socket /tmp/gil.sock --state-dir /tmp/gil-state > /tmp/gil_rempd.log 2>&1 &
+            RPID=$!
+            timeout 240 python3 bench/workload.py run --url http://127.0.0.1:18101 --socket /tmp/gil.sock --model "$SHAPE" \
+                --modes TP4PP1,TP2PP2 --schedule steady:1.0 --peak-rate "${RATE:-40}" --duration 20 --slo-ttft 1 \
+                --slo-itl 0.02 --prompt-tokens 256 --output-tokens 64 --keep-records \
+                --out "$OUT/gil_ab_${interval:-default}.json" 2>&1 | tail -3
+            kill -TERM $RPID; wait $RPID
+        done
+        python3 bench/gil_table.py "$OUT"/gil_ab_default.json "$OUT"/gil_ab_0.0005.json ;;
     esac
 done
 echo "== end at ${SECONDS} s" | tee -a "$OUT/session.txt"
