@@ -39,7 +39,7 @@ for step in "$@"; do
     echo "== $step at ${SECONDS} s" | tee -a "$OUT/session.txt"
     case "$step" in
     tests)
-        timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py tests/test_gpu_graphs.py -q -x -p no:cacheprovider \
+        timeout "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/test_gpu.py tests/test_gpu_graphs.py tests/test_gpu_memory.py -q -x -p no:cacheprovider \
             ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
     inplace)  # layer-ordered switches on 2 or 4 GPUs: memory below old + new, as plan priced, tokens exact (~1-2 min)
         timeout 300 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider -k layer_ordered 2>&1 \

@@ -80,10 +80,19 @@ def stall_detail(report: dict) -> dict:
     """The staged report's figures that place a stall: the longest wait for a step's reply and gap between two
     replies, the background loads, and the slowest step of each staging kind (ms)."""
     detail = report.get("transform_detail") or {}
-    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads", "staging_loads_host_seconds",
-            "staging_loads_stay_seconds", "give_back_graph_capture",
+    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads", "staging_loads_start_wait_seconds",
+            "staging_loads_host_seconds", "staging_loads_stay_seconds", "give_back_graph_capture",
             *(k for k in detail if k.startswith("staging_") and k.endswith("_max"))]
-    return {k.removeprefix("staging_"): round(1e3 * detail[k]) for k in keys if k in detail}
+    out = {k.removeprefix("staging_"): round(1e3 * detail[k]) for k in keys if k in detail}
+    if "staging_loads_alloc_retries" in detail:  # a count: each a cache flush, a device-wide sync
+        out["loads_alloc_retries"] = int(detail["staging_loads_alloc_retries"])
+    return out
+
+
+def failed(report: dict) -> str:
+    """A switch that did not commit, and why: the matrix goes on, so say it on the cell's line."""
+    state = report.get("state")
+    return "" if state in ("committed", None) else f" [{state}: {(report.get('error') or '')[:160]}]"
 
 
 async def run(model: Path, args) -> dict:
@@ -106,7 +115,9 @@ async def run(model: Path, args) -> dict:
                         continue
                     cell = {"source": src, "target": dst}
                     for mode in ("staged", "stop_the_world"):
-                        switch(ctl, src, "stop_the_world", POLL_S)
+                        back = switch(ctl, src, "stop_the_world", POLL_S)  # refused: the daemon is at src already
+                        if back.get("state") not in ("committed", "refused", None):
+                            cell[f"back_to_source_before_{mode}"] = {k: back.get(k) for k in ("state", "error")}
                         cell[mode] = await under_load(base, args.shape, ctl, dst, mode, args)
                     results["cells"].append(cell)
                     s, w = cell["staged"], cell["stop_the_world"]
@@ -117,7 +128,8 @@ async def run(model: Path, args) -> dict:
                           f"{w.get('total_seconds')} | ITL p50/mean while staging {s['while_switching']['itl_p50_s']}"
                           f"/{s['while_switching']['itl_mean_s']} vs none {none['itl_p50_s']}/{none['itl_mean_s']}"
                           f" | where a stall sat: {stall_detail(s)} given back {s.get('kv_blocks_given_back')}"
-                          f" {s.get('mode_reason') or ''}", flush=True)
+                          f" {s.get('mode_reason') or ''}{failed(s)}{failed(w)}"
+                          + "".join(f" | {k}{failed(v)}" for k, v in cell.items() if k.startswith("back_to")), flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:
             daemon.terminate()

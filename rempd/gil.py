@@ -4,9 +4,9 @@ The daemon's engine thread shares the GIL with the event loop that streams every
 thread shares it with its staging thread. Python's 5 ms default lets a busy thread keep the GIL that long after
 the other is ready to run, on every hand-off: in bench/gil_handoff.py a loop that waits for a 1 ms reply, then
 runs 0.1 ms of Python, took 16 ms a round beside a busy thread at 5 ms and 1.8-2.5 ms at 0.5 ms (1.1 ms alone).
-Not measured on the serving path yet, and a shorter interval makes every cross-thread read of engine state that is
-not one C call likelier to meet a write midway (it showed GET /v1/switches/ID failing on a report being written):
-so rempd keeps Python's interval unless REMP_SWITCH_INTERVAL_S names one, for the A/B on 4x H100."""
+Measured on the serving path (4x H100, 7B, a steady 40 requests/s: bench/gpu_session.sh gil_ab), 0.5 ms made it
+worse, not better: TP4PP1's TTFT p50 0.167 -> 1.413 s and per-request ITL p50 17.4 -> 26.8 ms; TP2PP2 a little
+worse. So rempd keeps Python's interval; REMP_SWITCH_INTERVAL_S stays, to repeat the A/B."""
 from __future__ import annotations
 
 import os

@@ -37,6 +37,7 @@ def test_free_blocks_are_given_back_so_that_the_target_stages(engine):
     given = report.kv_blocks_given_back
     assert 0 < given < before // 10, given  # what the shortfall asks, not the pool
     assert report.phases["give_back"] > 0 and "give_back_graph_capture" in report.transform_detail
+    assert report.serving_pause_s > report.give_back_pause_s >= report.phases["give_back"], report
     assert report.kv_blocks_migrated > 0 and report.requests_preempted == 0
 
 

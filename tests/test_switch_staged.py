@@ -150,6 +150,7 @@ def test_a_target_that_does_not_fit_beside_the_pool_stages_after_free_blocks_are
     shown = small.rempctl("switch", "--tp", "2", "--pp", "1", "--staged")
     assert shown.returncode == 0 and "mode staged" in shown.stdout, shown.stdout
     assert "free KV blocks given back to stage the target" in shown.stdout, shown.stdout
+    assert "giving blocks back" in shown.stdout, shown.stdout  # no request was live: its pause was all
     # and back while requests stream: the pool kept at the cut is the smaller one, but the live KV pre-copied
     # beside it needs more room again
     client = OpenAI(base_url=f"{small.base_url}/v1", api_key="none")
@@ -159,6 +160,8 @@ def test_a_target_that_does_not_fit_beside_the_pool_stages_after_free_blocks_are
     report = reports[0]
     assert (report["state"], report["mode"], report["mode_reason"]) == ("committed", "staged", None), report
     assert report["kv_blocks_given_back"] > 0 and report["phases"]["give_back"] > 0, report
+    # the serving pause counts the give-back's pause as well as the cut's
+    assert report["serving_pause_s"] > report["give_back_pause_s"] >= report["phases"]["give_back"], report
     assert report["requests_preempted"] == 0 and texts == expected
 
 

@@ -133,7 +133,8 @@ class LLMEngine:
         if outputs:
             now = time.perf_counter()
             if self.pause_report is not None:  # the first tokens after a switch end its serving pause
-                self.pause_report.serving_pause_s = now - self.last_output_at
+                report = self.pause_report
+                report.serving_pause_s = (report.give_back_pause_s or 0.0) + now - self.last_output_at
                 self.pause_report = None
             self.last_output_at = now
         return outputs

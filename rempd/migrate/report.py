@@ -38,8 +38,10 @@ class SwitchReport:
     peak_extra_bytes: int | None = None
     priced_extra_bytes: int | None = None
     outside_growth_bytes: int | None = None  # GPU: the most a worker's memory outside PyTorch's allocator grew
-    # seconds from the last token any request got before the switch to the first one after it (server side)
+    # seconds from the last token any request got before the switch to the first one after it (server side), plus
+    # the give-back's pause if a staged switch gave KV blocks back
     serving_pause_s: float | None = None
+    give_back_pause_s: float | None = None  # staged: the engine did not step while the old pool shrank
     # seconds the engine did not step: the cut of a staged switch; all of a stop-the-world one
     cut_seconds: float | None = None
     staging_seconds: float | None = None  # staged: from the plan to the cut, while the old topology served

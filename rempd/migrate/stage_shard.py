@@ -18,7 +18,7 @@ from rempd.migrate.plan import SwitchPlan, WeightPiece
 from rempd.migrate.reshard import PieceKey, pack_kv, post_round
 from rempd.migrate.reshard_times import ReshardTimes
 from rempd.migrate.shards import shard_of
-from rempd.worker_pool.device_memory import empty_tensors, pool_blocks
+from rempd.worker_pool.device_memory import alloc_retries, pool_blocks
 from rempd.worker_pool.stage_builder import build_stage
 
 STAGING_TAG = 1  # staging transfers stay in flight while steps hand activations on between stages (tag 0)
@@ -47,8 +47,8 @@ class ShardStaging:
         self.old_weights = worker.stage.named_weights() if worker.stage is not None else {}
         self.old_rows = geo.holdings(self.old_shard) if self.old_shard else {}
         self.new_rows = geo.holdings(self.new_shard) if self.new_shard else {}
-        self.rows = empty_tensors(worker, {name: (b - a, *worker.row_shape(name))
-                                           for name, (a, b) in self.new_rows.items()})
+        self.rows = {name: torch.empty((b - a, *worker.row_shape(name)), dtype=worker.dtype, device=worker.device)
+                     for name, (a, b) in self.new_rows.items()}
         self.precopy: list[dict[int, torch.Tensor]] = []  # per chunk: KV piece index → [layers, 2, n, ...]
         self.stage = None
         self.kv_view: torch.Tensor | None = None  # the kept pool in the new shape, as the staged graphs saw it
@@ -56,9 +56,15 @@ class ShardStaging:
         self.in_flight: ChunkTransfer | None = None
         self.overlapped_steps = 0  # serving steps run between a chunk's post and its wait, summed over chunks
         self.error: BaseException | None = None
-        # the background loads: their wall time ("seconds", device work included), each kind's seconds and bytes,
-        # and whether the store is page-locked
+        # the background loads: their wall time ("seconds", device work included), how long the thread waited to
+        # start, each kind's seconds and bytes, the allocator's cache flushes meanwhile (each a device-wide sync),
+        # and whether the store is page-locked. The first 7B staged switch and every 70B one spent 1.2-7 s in the
+        # loads outside the copies themselves (4x H100, session 9); these place it. The side stream is made here,
+        # not on the thread, for the same reason.
         self.loads: dict[str, float] = {"pinned": float(worker.pinned)}
+        self.side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
+        self.retries_before = alloc_retries(worker)
+        self.thread_made = time.perf_counter()
         self.thread = threading.Thread(target=self._load_local, name="remp-staging", daemon=True)
         self.thread.start()
 
@@ -69,8 +75,8 @@ class ShardStaging:
     def _load_local(self) -> None:
         """Rows from the host store, then rows this worker holds already: no peer takes part. Each kind is timed
         to its last copy's end (loads), to tell a slow host load from device copies held up."""
-        worker, began = self.worker, time.perf_counter()
-        side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
+        worker, began, side = self.worker, time.perf_counter(), self.side
+        self.loads["start_wait_seconds"] = began - self.thread_made
         try:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 for kind in ("host", "stay"):
@@ -92,6 +98,7 @@ class ShardStaging:
                     self.loads[f"{kind}_bytes"] = nbytes
         except BaseException as exc:  # noqa: BLE001 - raised on the RPC thread by build()
             self.error = exc
+        self.loads["alloc_retries"] = float(alloc_retries(worker) - self.retries_before)
         self.loads["seconds"] = time.perf_counter() - began
 
     def _kv_shape_of(self, num_blocks: int):

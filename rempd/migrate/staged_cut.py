@@ -54,6 +54,8 @@ class StagedCut:
             engine.last_output_at = time.perf_counter()
         if live:
             engine.pause_report = report  # closed by the first tokens after the cut
+        else:  # nothing paused at the cut: the give-back's pause, if any, was all
+            report.serving_pause_s = report.give_back_pause_s
         return outputs
 
     def _commit(self, layout: CutLayout, live: list, num_blocks: int) -> None:

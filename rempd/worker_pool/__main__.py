@@ -10,6 +10,7 @@ from multiprocessing.connection import Client
 import torch
 
 from rempd.gil import set_switch_interval
+from rempd.worker_pool.device_memory import configure_allocator
 from rempd.worker_pool.pending_tokens import PendingTokens
 from rempd.worker_pool.worker import Worker
 from rempd.worker_pool.worker_setup import WorkerSetup
@@ -36,6 +37,7 @@ def worker_main(address: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // max(1, setup.world_size))))
     set_switch_interval()
+    configure_allocator()
     try:
         worker = Worker(setup)
         conn.send(("ok", worker.info()))

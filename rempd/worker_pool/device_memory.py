@@ -1,7 +1,6 @@
 """How much device memory a worker has for a KV pool or a switch, under a placement it does not run yet."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 
@@ -17,6 +16,7 @@ RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL'
 # a switch leaves this much more: its transfers may open NCCL channels and buffers that serving never used (the
 # GPU soaks ran out of memory in 9 of 400 switches with only RESERVE_BYTES to spare)
 SWITCH_SLACK_BYTES = 1 << 30
+LARGE_BLOCK_MB = 512  # the largest block the allocator splits: pools and most shards are larger, a layer's weights smaller
 # tests only: each CPU worker counts as a device with this many bytes for weights and a switch's transfers (its
 # KV pool apart, sized by kv_cache_memory), so that plan's memory checks run on CPU
 CPU_DEVICE_BYTES_ENV = "REMP_CPU_DEVICE_BYTES"
@@ -57,18 +57,21 @@ def staging_room(worker) -> int | None:
     return max(0, cpu_device_bytes() - held["weight_bytes"] - held["kv_bytes"])
 
 
-def empty_tensors(worker, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Uninitialized tensors of these shapes on the worker's device. On CUDA one block for all of them is taken from
-    the device first and handed to the allocator's cache, which splits it: the first staged switch of a 4x H100
-    daemon spent 259 ms allocating a 7B shard's rows one cudaMalloc each (later ones found the old shards' memory
-    cached: 2-13 ms), and serving waited for it."""
-    if worker.device.type == "cuda":
-        total = sum((math.prod(shape) * worker.dtype.itemsize + 511) // 512 * 512 for shape in shapes.values())
-        try:
-            torch.empty(total, dtype=torch.uint8, device=worker.device)  # freed at once, so cached
-        except torch.OutOfMemoryError:
-            pass  # then one at a time, in what pieces there are
-    return {name: torch.empty(shape, dtype=worker.dtype, device=worker.device) for name, shape in shapes.items()}
+def configure_allocator() -> None:
+    """Before a worker's first CUDA allocation: the caching allocator never splits a block of LARGE_BLOCK_MB or
+    more. A freed KV pool or shard then stays one block, which the allocator gives back to the device whole when an
+    allocation does not fit. Split, it held the pieces a 70B staged switch carved from it (the smaller pool, the
+    new rows); the stop-the-world switch after found 30 GiB free in that segment, scattered, and no room for its
+    28 GiB pool (4x H100, session 9: three switches out of memory, each recovered by restarting the workers). An
+    operator's own PYTORCH_CUDA_ALLOC_CONF is kept."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", f"max_split_size_mb:{LARGE_BLOCK_MB}")
+
+
+def alloc_retries(worker) -> int:
+    """How often the allocator has flushed its cache to retry an allocation (0 off CUDA)."""
+    if worker.device.type != "cuda":
+        return 0
+    return torch.cuda.memory_stats(worker.device).get("num_alloc_retries", 0)
 
 
 def outside_allocator_bytes(worker) -> int:
