@@ -80,8 +80,9 @@ def stall_detail(report: dict) -> dict:
     """The staged report's figures that place a stall: the longest wait for a step's reply and gap between two
     replies, the background loads, and the slowest step of each staging kind (ms)."""
     detail = report.get("transform_detail") or {}
-    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads", "staging_loads_start_wait_seconds",
-            "staging_loads_host_seconds", "staging_loads_stay_seconds", "give_back_graph_capture",
+    keys = ["staging_longest_reply_gap", "staging_longest_step_wait", "staging_loads",
+            "staging_loads_start_wait_seconds", "staging_loads_host_seconds", "staging_loads_stay_seconds",
+            "give_back_graph_capture",
             *(k for k in detail if k.startswith("staging_") and k.endswith("_max"))]
     out = {k.removeprefix("staging_"): round(1e3 * detail[k]) for k in keys if k in detail}
     if "staging_loads_alloc_retries" in detail:  # a count: each a cache flush, a device-wide sync
@@ -129,7 +130,8 @@ async def run(model: Path, args) -> dict:
                           f"/{s['while_switching']['itl_mean_s']} vs none {none['itl_p50_s']}/{none['itl_mean_s']}"
                           f" | where a stall sat: {stall_detail(s)} given back {s.get('kv_blocks_given_back')}"
                           f" {s.get('mode_reason') or ''}{failed(s)}{failed(w)}"
-                          + "".join(f" | {k}{failed(v)}" for k, v in cell.items() if k.startswith("back_to")), flush=True)
+                          + "".join(f" | {k}{failed(v)}" for k, v in cell.items() if k.startswith("back_to")),
+                          flush=True)
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:
             daemon.terminate()

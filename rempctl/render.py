@@ -199,9 +199,11 @@ def print_report(report: dict, console: Console) -> None:
     if report.get("kv_blocks_given_back"):
         console.print(f"  free KV blocks given back to stage the target {report['kv_blocks_given_back']}")
     pause = report.get("serving_pause_s")
-    give_back = f", giving blocks back {seconds(report['give_back_pause_s'])}" if report.get("give_back_pause_s") else ""
+    give_back = report.get("give_back_pause_s")
     console.print(f"  [bold]serving pause[/bold] {seconds(pause) if pause is not None else 'not measured'} "
-                  f"(cut {seconds(report.get('cut_seconds'))}{give_back}) of {seconds(report.get('total_seconds'))} in all")
+                  f"(cut {seconds(report.get('cut_seconds'))}"
+                  f"{f', giving blocks back {seconds(give_back)}' if give_back else ''})"
+                  f" of {seconds(report.get('total_seconds'))} in all")
     if report.get("bytes_by_source"):
         console.print(bytes_table(report["bytes_by_source"]))
     if report.get("error"):

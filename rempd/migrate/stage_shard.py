@@ -60,7 +60,7 @@ class ShardStaging:
         # start, each kind's seconds and bytes, the allocator's cache flushes meanwhile (each a device-wide sync),
         # and whether the store is page-locked. The first 7B staged switch and every 70B one spent 1.2-7 s in the
         # loads outside the copies themselves (4x H100, session 9); these place it. The side stream is made here,
-        # not on the thread, for the same reason.
+        # so that its making counts in begin, not in the loads.
         self.loads: dict[str, float] = {"pinned": float(worker.pinned)}
         self.side = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None
         self.retries_before = alloc_retries(worker)

@@ -16,7 +16,7 @@ RESERVE_BYTES = 1 << 30  # left free on every GPU, for the allocator's and NCCL'
 # a switch leaves this much more: its transfers may open NCCL channels and buffers that serving never used (the
 # GPU soaks ran out of memory in 9 of 400 switches with only RESERVE_BYTES to spare)
 SWITCH_SLACK_BYTES = 1 << 30
-LARGE_BLOCK_MB = 512  # the largest block the allocator splits: pools and most shards are larger, a layer's weights smaller
+LARGE_BLOCK_MB = 512  # blocks this large are never split: KV pools are larger, most single weights smaller
 # tests only: each CPU worker counts as a device with this many bytes for weights and a switch's transfers (its
 # KV pool apart, sized by kv_cache_memory), so that plan's memory checks run on CPU
 CPU_DEVICE_BYTES_ENV = "REMP_CPU_DEVICE_BYTES"
