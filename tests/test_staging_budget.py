@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from rempd.engine.block_manager import BlockManager
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.shards import shard_of
-from rempd.migrate.staging_budget import GIVE_BACK_MARGIN, StagingBudget, StagingOptions
+from rempd.migrate.staging_budget import GIVE_BACK_MARGIN, GiveBack, StagingBudget, StagingOptions
 from rempd.model.config import ModelConfig
 from rempd.model.make_checkpoint import shape_config
 from rempd.topology import Placement, Topology
@@ -36,7 +36,7 @@ def test_gives_back_the_fewest_blocks_that_cover_the_worst_shortfall():
     b, p = budget(), plan(TP1PP4, TP2PP2)
     rooms = [10 * GIB, 9 * GIB, 11 * GIB, 10 * GIB]  # session 8: 9.3-11.3 GiB free beside the pool
     assert b.unfit(p, capacity=30_000, rooms=rooms).startswith("staging needs")
-    count = b.blocks_to_give_back(p, rooms)
+    count = b.blocks_to_give_back(p, rooms).blocks
     per_block = b.kv_block_bytes(shard_of(b.engine.model_config, TP1PP4, 1))
     need = b.stage_bytes(p)[1]  # worker 1 has the least room
     assert count == math.ceil((need - 9 * GIB) * GIVE_BACK_MARGIN / per_block)
@@ -48,14 +48,22 @@ def test_gives_back_the_fewest_blocks_that_cover_the_worst_shortfall():
 def test_gives_back_nothing_where_it_cannot_help():
     rooms = [9 * GIB] * 4
     # enough room already
-    assert budget().blocks_to_give_back(plan(TP1PP4, TP2PP2), [80 * GIB] * 4) == 0
+    assert budget().blocks_to_give_back(plan(TP1PP4, TP2PP2), [80 * GIB] * 4) == GiveBack(0)
     # a new worker that stood by holds no pool to give back
     two = Placement.default(Topology(1, 2))
-    assert budget().blocks_to_give_back(plan(two, TP2PP2), rooms) == 0
+    standby = budget().blocks_to_give_back(plan(two, TP2PP2), rooms)
+    assert standby == GiveBack(0, "worker 2 holds no KV pool to give back")
     # the operator's staging limit binds, not device memory
-    assert budget(memory_limit=8 * GIB).blocks_to_give_back(plan(TP1PP4, TP2PP2), rooms) == 0
-    # the live blocks and their growth, with one longest sequence, would not fit in what is left
-    assert budget(live_blocks=POOL_BLOCKS - 300).blocks_to_give_back(plan(TP1PP4, TP2PP2), rooms) == 0
+    limited = budget(memory_limit=8 * GIB).blocks_to_give_back(plan(TP1PP4, TP2PP2), rooms)
+    assert limited.blocks == 0 and "staging limit" in limited.why_not
+    # the live blocks and their growth, with one longest sequence, would not fit in what is left: the fallback's
+    # reason says so (70B TP1PP4 -> TP4PP1 on 4x H100 fell back saying only what staging needed)
+    crowded = budget(live_blocks=POOL_BLOCKS - 300)
+    give = crowded.blocks_to_give_back(plan(TP1PP4, TP2PP2), rooms)
+    spare = POOL_BLOCKS - crowded.expected_blocks() - crowded.engine.scheduler.blocks.blocks_for(
+        crowded.engine.max_model_len)
+    assert give.blocks == 0 and give.why_not.startswith("giving back would take ")
+    assert f"and {max(0, spare)} are spare" in give.why_not, give
 
 
 def test_a_pool_growing_back_holds_what_fits_and_keeps_its_live_blocks(monkeypatch):

@@ -15,7 +15,7 @@ from rempd.migrate.phase_clock import Fault, PhaseClock
 from rempd.migrate.plan import SwitchPlan
 from rempd.migrate.predict import LinkSpeeds
 from rempd.migrate.report import SwitchReport
-from rempd.migrate.staging_budget import StagingBudget, StagingOptions
+from rempd.migrate.staging_budget import GiveBack, StagingBudget, StagingOptions
 from rempd.migrate.staged_cut import StagedCut
 from rempd.migrate.staging_tasks import StagingTasks
 from rempd.migrate.transaction import SwitchTransaction, make_plan, tp_member_sets
@@ -101,12 +101,14 @@ class StagedSwitch:
                 self._refuse(exc)
                 return []
             reason = self.budget.unfit(self.plan, self.capacity, rooms)
-            count = self.budget.blocks_to_give_back(self.plan, rooms) if reason is not None else 0
+            give = self.budget.blocks_to_give_back(self.plan, rooms) if reason is not None else GiveBack(0)
         outputs = []
-        if count:
-            outputs, rooms = self._give_back(count)
+        if give.blocks:
+            outputs, rooms = self._give_back(give.blocks)
             reason = self.budget.unfit(self.plan, self.capacity, rooms)
-            reason = reason and f"{reason}, with {count} free KV blocks given back"
+            reason = reason and f"{reason}, with {give.blocks} free KV blocks given back"
+        elif reason is not None and give.why_not:
+            reason = f"{reason}; {give.why_not}"
         if reason is not None:
             return outputs + self._stop_the_world(reason)
         with self.clock.phase("plan"):

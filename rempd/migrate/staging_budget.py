@@ -28,6 +28,12 @@ def size(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
+@dataclass(frozen=True)
+class GiveBack:
+    blocks: int  # free KV blocks the old pool gives back; 0: none
+    why_not: str | None = None  # where the target does not fit and giving back cannot help: why
+
+
 class StagingBudget:
     def __init__(self, engine, options: StagingOptions, is_cuda: bool):
         self.engine, self.is_cuda = engine, is_cuda
@@ -70,23 +76,26 @@ class StagingBudget:
                     f"{needed} needed for one {engine.max_model_len}-token sequence")
         return None
 
-    def blocks_to_give_back(self, plan: SwitchPlan, rooms: list[int | None]) -> int:
+    def blocks_to_give_back(self, plan: SwitchPlan, rooms: list[int | None]) -> GiveBack:
         """The free blocks of the old pool whose memory would let every new worker stage: the fewest, with a
-        margin, since the rooms are measured again after; 0 where giving back cannot make it fit (the staging
-        limit binds, a new worker holds no old pool, or the live blocks, their growth and one longest sequence
-        would not fit in what is left)."""
+        margin, since the rooms are measured again after; none where giving back cannot make it fit, and why."""
         engine, cfg = self.engine, self.engine.model_config
         count = 0
         for worker, room, need in zip(plan.new.workers, rooms, self.stage_bytes(plan)):
             if room is None or need <= room:
                 continue
-            old = shard_of(cfg, plan.old, worker)
-            if old is None or (self.memory_limit is not None and need > self.memory_limit):
-                return 0
-            count = max(count, math.ceil((need - room) * GIVE_BACK_MARGIN / self.kv_block_bytes(old)))
+            if shard_of(cfg, plan.old, worker) is None:
+                return GiveBack(0, f"worker {worker} holds no KV pool to give back")
+            if self.memory_limit is not None and need > self.memory_limit:
+                return GiveBack(0, "the staging limit binds, not device memory")
+            count = max(count, math.ceil((need - room) * GIVE_BACK_MARGIN
+                                         / self.kv_block_bytes(shard_of(cfg, plan.old, worker))))
         blocks = engine.scheduler.blocks
-        keep = self.expected_blocks() + blocks.blocks_for(engine.max_model_len)
-        return count if count <= blocks.num_blocks - keep else 0
+        spare = blocks.num_blocks - self.expected_blocks() - blocks.blocks_for(engine.max_model_len)
+        if count > spare:
+            return GiveBack(0, f"giving back would take {count} free KV blocks, and {max(0, spare)} are spare beside "
+                               f"the live ones, their growth and one longest sequence")
+        return GiveBack(count)
 
     def kv_block_bytes(self, shard) -> int:
         heads = kv_heads_per_rank(self.engine.model_config.num_kv_heads, shard.tp)
