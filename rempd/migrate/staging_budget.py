@@ -84,12 +84,12 @@ class StagingBudget:
         for worker, room, need in zip(plan.new.workers, rooms, self.stage_bytes(plan)):
             if room is None or need <= room:
                 continue
-            if shard_of(cfg, plan.old, worker) is None:
+            old = shard_of(cfg, plan.old, worker)
+            if old is None:
                 return GiveBack(0, f"worker {worker} holds no KV pool to give back")
             if self.memory_limit is not None and need > self.memory_limit:
                 return GiveBack(0, "the staging limit binds, not device memory")
-            count = max(count, math.ceil((need - room) * GIVE_BACK_MARGIN
-                                         / self.kv_block_bytes(shard_of(cfg, plan.old, worker))))
+            count = max(count, math.ceil((need - room) * GIVE_BACK_MARGIN / self.kv_block_bytes(old)))
         blocks = engine.scheduler.blocks
         spare = blocks.num_blocks - self.expected_blocks() - blocks.blocks_for(engine.max_model_len)
         if count > spare:
